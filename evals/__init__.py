@@ -1,0 +1,1 @@
+"""Evaluation CLIs: perplexity, generation, throughput."""

@@ -1,0 +1,175 @@
+"""Perplexity / bits per byte of a checkpoint on a held-out split.
+
+    python -m evals.perplexity --checkpoint RUN_DIR_OR_CKPT [--dataset stdlib] [--data-path PATH]
+        --split test [--mode disjoint|sliding|carry] [--context-len N] [--stride S]
+        [--max-tokens N] [--json OUT]
+
+Modes (the evaluation protocol is part of the result, so it is printed and saved):
+  disjoint  consecutive non-overlapping windows of N tokens; each token is scored with the context
+            available inside its window.
+  sliding   windows of N tokens advanced by S; only the last S targets of a window are scored (each
+            target sees at least N - S tokens of context).
+  carry     the stream is scored in segments of N tokens with the model state carried across them
+            (LongVQ: EMA + VQ cache, unbounded context at constant memory; Transformer: a growing
+            KV cache).
+Totals are corpus-level: ppl = exp(sum NLL / tokens scored), never a mean of per-window perplexities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from evals.common import load_for_eval, pick_device
+from lm.data import load_stream
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m evals.perplexity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or checkpoint tag dir")
+    p.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--mode", default="disjoint", choices=["disjoint", "sliding", "carry"])
+    p.add_argument("--context-len", type=int, default=None, help="window/segment length (default: training seq_len)")
+    p.add_argument("--stride", type=int, default=None, help="sliding mode: targets scored per window (default: context/2)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N targets (quick checks)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--untrained", action="store_true", help="score a freshly initialised model of the same config")
+    p.add_argument("--json", default=None, help="write the result JSON here")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed NLL in nats over the given positions (float64 accumulation)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").double()
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not enabled, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def score_disjoint(model, tokens: torch.Tensor, context: int, batch_size: int, device, progress=False) -> float:
+    """tokens: 1-D LongTensor; scores targets tokens[1:] in windows of `context`."""
+    n_targets = len(tokens) - 1
+    starts = list(range(0, n_targets, context))
+    total = 0.0
+    with _progress(n_targets, progress, "disjoint") as bar:
+        full = [s for s in starts if s + context <= n_targets]
+        for i in range(0, len(full), batch_size):
+            group = full[i: i + batch_size]
+            x = torch.stack([tokens[s: s + context] for s in group]).to(device)
+            y = torch.stack([tokens[s + 1: s + context + 1] for s in group]).to(device)
+            total += float(_nll(model(x).logits, y))
+            bar.update(len(group) * context)
+        for s in starts[len(full):]:
+            x, y = tokens[s:n_targets][None].to(device), tokens[s + 1:][None].to(device)
+            total += float(_nll(model(x).logits, y))
+            bar.update(n_targets - s)
+    return total
+
+
+@torch.no_grad()
+def score_sliding(model, tokens: torch.Tensor, context: int, stride: int, device, progress=False) -> float:
+    n_targets = len(tokens) - 1
+    total, scored_to = 0.0, 0  # targets [0, scored_to) are done (target t predicts tokens[t + 1])
+    with _progress(n_targets, progress, "sliding") as bar:
+        for begin in range(0, n_targets, stride):
+            end = min(begin + context, n_targets)
+            logits = model(tokens[begin:end][None].to(device)).logits
+            first = scored_to - begin  # score only the targets no earlier window scored
+            total += float(_nll(logits[:, first:], tokens[scored_to + 1:end + 1][None].to(device)))
+            bar.update(end - scored_to)
+            scored_to = end
+            if end == n_targets:
+                break
+    return total
+
+
+@torch.no_grad()
+def score_carry(model, tokens: torch.Tensor, segment: int, device, progress=False) -> float:
+    n_targets = len(tokens) - 1
+    total, state = 0.0, None
+    with _progress(n_targets, progress, "carry") as bar:
+        for s in range(0, n_targets, segment):
+            e = min(s + segment, n_targets)
+            out = model(tokens[s:e][None].to(device), state=state, return_state=True)
+            state = out.state
+            total += float(_nll(out.logits, tokens[s + 1:e + 1][None].to(device)))
+            bar.update(e - s)
+    return total
+
+
+def evaluate(args) -> dict:
+    device = pick_device(args.device)
+    model, cfg, ckpt = load_for_eval(args.checkpoint, device, untrained=args.untrained)
+    data_cfg = cfg.data
+    if args.dataset is not None:
+        data_cfg.dataset = args.dataset
+    if args.data_path is not None:
+        data_cfg.data_path = args.data_path
+    stream = load_stream(data_cfg, args.split)
+    n = len(stream.tokens) if args.max_tokens is None else min(len(stream.tokens), args.max_tokens + 1)
+    if n < 2:
+        raise ValueError(f"{stream.name} has {n} tokens: nothing to score")
+    tokens = torch.from_numpy(stream.tokens[:n].astype("int64"))
+    context = args.context_len or cfg.data.seq_len
+    stride = args.stride or max(1, context // 2)
+    show = not args.no_progress
+    if args.mode == "disjoint":
+        nll = score_disjoint(model, tokens, context, args.batch_size, device, show)
+    elif args.mode == "sliding":
+        if not 1 <= stride <= context:
+            raise ValueError(f"--stride must be in [1, --context-len={context}]")
+        nll = score_sliding(model, tokens, context, stride, device, show)
+    else:
+        nll = score_carry(model, tokens, context, device, show)
+    scored = n - 1
+    n_bytes = scored if stream.vocab_size == 256 else round(stream.n_bytes * scored / max(1, len(stream.tokens) - 1))
+    result = {
+        "dataset": data_cfg.dataset, "split": args.split, "mode": args.mode, "context_len": context,
+        "stride": stride if args.mode == "sliding" else None,
+        "tokens": scored, "nll_sum": nll, "ppl": math.exp(nll / scored), "loss": nll / scored,
+        "bytes": n_bytes, "bpb": nll / math.log(2) / n_bytes,
+        "checkpoint": ckpt, "untrained": args.untrained, "arch": cfg.model.arch,
+        "params": sum(p.numel() for p in model.parameters()), "device": str(device),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if stream.n_words and args.max_tokens is None:
+        result["words"] = stream.n_words
+        result["word_ppl"] = math.exp(nll / stream.n_words)
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        result = evaluate(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    label = "untrained" if args.untrained else "trained"
+    print(f"{result['dataset']}/{result['split']} ({label}, {result['mode']}, context {result['context_len']}): "
+          f"{result['tokens']} tokens, loss {result['loss']:.4f} nats, ppl {result['ppl']:.3f}, "
+          f"bits/byte {result['bpb']:.4f}" + (f", word ppl {result['word_ppl']:.2f}" if "word_ppl" in result else ""))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

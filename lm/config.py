@@ -1,0 +1,348 @@
+"""Typed run configuration: dataclasses filled from layered YAML recipes plus dotted overrides.
+
+Precedence: dataclass defaults < YAML files (left to right, each may name `_base_` files it
+extends) < `key.path=value` overrides. Unknown keys and values of the wrong type fail before
+anything starts, with a message naming the key and, for typos, the closest valid key.
+
+Each component receives only its own slice: `build_model(cfg.model)`, `build_loader(cfg.data,
+...)`, `build_optimizer(params, cfg.optim)`. Only `lm.train` sees the whole `RunConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class LongVQConfig:
+    """The LongVQ token mixer (research/longvq_algorithm.md §A.3 and §B)."""
+
+    attention_impl: Literal["dense", "chunked", "fused", "auto"] = "auto"
+    """dense = O(T^2) oracle; chunked = pure PyTorch O(T(C+S)); fused = GPU kernel; auto picks."""
+    chunk_size: int = 64
+    """C: tokens per attention chunk; a query sees its own chunk and the previous one exactly."""
+    codebook_size: int = 64
+    """S: codewords per head in each layer's key codebook."""
+    n_heads: int = 1
+    """Attention heads; each head has its own codebook. MEGA/LongVQ use a single head."""
+    z_dim: int = 64
+    """d_z: width of the shared query/key representation z (split over heads)."""
+    hidden_dim: Optional[int] = None
+    """E: value / reset-gate width; default 2 * d_model."""
+    ema_dim: int = 16
+    """N: dimensions of the multi-dimensional damped EMA per channel."""
+    commit_beta: float = 1e-4
+    """Weight of the commitment loss ||k - sg(c_z)||^2 added to the LM loss."""
+    codebook_decay: float = 0.99
+    """gamma of the EMA k-means codebook update (applied once per optimizer step)."""
+    dead_code_threshold: float = 0.1
+    """Codes whose EMA count falls below this fraction of the mean are re-seeded by splitting busy codes (0 = off)."""
+    normalize_keys: bool = True
+    """RMS-normalise keys (no gain) before quantisation so the codebook sees a stable scale."""
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+
+
+@dataclass(kw_only=True)
+class TransformerConfig:
+    """Baseline pre-norm Transformer (RoPE, SwiGLU) attention settings."""
+
+    n_heads: int = 4
+    rope_base: float = 10000.0
+    attn_backend: Literal["auto", "flash_attn", "cudnn", "flash", "efficient", "math"] = "auto"
+    """auto: flash-attn package if installed, else SDPA cuDNN, then flash (GPU) / flash, math (CPU)."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    arch: Literal["longvq", "transformer"] = "longvq"
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    ffn_dim: Optional[int] = None
+    """FFN hidden width; default 2 * d_model for LongVQ's NFFN, 8/3 * d_model for SwiGLU."""
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    longvq: LongVQConfig = field(default_factory=LongVQConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dataset: Literal["stdlib", "enwik8", "wikitext103", "tokens"] = "stdlib"
+    """stdlib = built-in offline corpus: this Python's standard-library sources, byte level."""
+    data_path: Optional[str] = None
+    """Local file or folder for datasets that need one (see evals/README)."""
+    cache_dir: str = "~/.cache/longvq"
+    """Where prepared token arrays are cached."""
+    seq_len: int = 256
+    """Training context length in tokens."""
+    max_train_bytes: Optional[int] = None
+    """Cap on the training stream (None = all)."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    run_dir: str = "runs/default"
+    max_steps: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per process per forward/backward."""
+    grad_accum_steps: int = 1
+    seed: int = 1234
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto = bf16 on GPU, fp32 on CPU."""
+    log_every: int = 10
+    save_every: int = 0
+    """Save a checkpoint every N optimizer steps (0 = only at the end)."""
+    keep_last: int = 3
+    """Checkpoints to keep (older ones are deleted after a successful save)."""
+    eval_every: int = 0
+    """Held-out loss every N steps (0 = never during training)."""
+    eval_batches: int = 8
+    progress_bar: bool = True
+    on_nonfinite: Literal["halt", "skip"] = "halt"
+    """What to do when the loss is NaN/inf: halt with a message, or skip the step (counted)."""
+    max_skipped_steps: int = 10
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    zero_stage: int = 0
+    pipeline_stages: int = 1
+    offload_optimizer: bool = False
+    activation_checkpointing: bool = False
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks; every message names the key to change."""
+        m, lv = self.model, self.model.longvq
+        _check(m.d_model > 0 and m.n_layers > 0 and m.vocab_size > 1, "model.d_model/n_layers/vocab_size must be positive")
+        if m.arch == "transformer":
+            _check(m.d_model % m.transformer.n_heads == 0,
+                   f"model.d_model={m.d_model} must be divisible by model.transformer.n_heads={m.transformer.n_heads}")
+            _check((m.d_model // m.transformer.n_heads) % 2 == 0, "RoPE needs an even head dim: change model.transformer.n_heads")
+        else:
+            _check(lv.chunk_size >= 1, "model.longvq.chunk_size must be >= 1")
+            _check(lv.codebook_size >= 2, "model.longvq.codebook_size must be >= 2")
+            _check(lv.z_dim % lv.n_heads == 0, f"model.longvq.z_dim={lv.z_dim} must be divisible by model.longvq.n_heads={lv.n_heads}")
+            hidden = lv.hidden_dim or 2 * m.d_model
+            _check(hidden % lv.n_heads == 0, f"model.longvq.hidden_dim={hidden} must be divisible by model.longvq.n_heads={lv.n_heads}")
+            _check(0.0 < lv.codebook_decay < 1.0, "model.longvq.codebook_decay must be in (0, 1)")
+        _check(self.data.seq_len >= 1, "data.seq_len must be >= 1")
+        _check(self.train.micro_batch_size >= 1 and self.train.grad_accum_steps >= 1,
+               "train.micro_batch_size and train.grad_accum_steps must be >= 1")
+        _check(self.train.max_steps >= 0, "train.max_steps must be >= 0")
+        _check(self.parallel.zero_stage in (0, 1, 2, 3), "parallel.zero_stage must be 0, 1, 2 or 3")
+        _check(self.parallel.pipeline_stages >= 1, "parallel.pipeline_stages must be >= 1")
+        _check(not (self.parallel.pipeline_stages > 1 and self.parallel.zero_stage > 1),
+               "parallel.pipeline_stages > 1 works only with parallel.zero_stage 0 or 1: ZeRO-2/3 partition "
+               "gradients, which the pipeline accumulates over micro-batches (DeepSpeed asserts on it). "
+               "Use parallel.zero_stage=1 with pipelines, or pipeline_stages=1 with ZeRO-2/3.")
+        _check(self.optim.lr > 0 and 0 <= self.optim.min_lr_ratio <= 1, "optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+_BASE_KEY = "_base_"
+
+
+def load_config(*yaml_paths: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Build the typed run config from YAML recipes (merged left to right) and dotted overrides."""
+    merged: dict = {}
+    for path in yaml_paths:
+        _deep_merge(merged, _read_yaml_layers(Path(path), seen=()))
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(merged, key, value)
+    cfg = from_dict(RunConfig, merged)
+    cfg.validate()
+    return cfg
+
+
+def _read_yaml_layers(path: Path, seen: tuple) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{_BASE_KEY} cycle through {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    bases = data.pop(_BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict = {}
+    for base in bases:
+        _deep_merge(merged, _read_yaml_layers(path.parent / base, seen + (path.resolve(),)))
+    _deep_merge(merged, data)
+    return merged
+
+
+def _deep_merge(dst: dict, src: dict) -> dict:
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _deep_merge(dst[key], value)
+        else:
+            dst[key] = value
+    return dst
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override {item!r} must look like key.path=value (e.g. train.max_steps=100)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from None
+    return key.strip(), value
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Strictly convert a nested dict into dataclass `cls` (unknown keys and bad types raise)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return origin(_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp}")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (it loads back to an equal RunConfig)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    cfg = from_dict(RunConfig, data)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,46 @@
+"""Pieces both architectures share: norm, feed-forward, token embedding and LM head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        y = y.to(x.dtype)
+        return y * self.weight if self.weight is not None else y
+
+
+def rms_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """RMS normalisation without gain over the last dim (used on keys before quantisation)."""
+    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class FeedForward(nn.Module):
+    """Pre-norm FFN: SwiGLU (Transformer) or MEGA's normalized FFN W2 SiLU(W1 LN(x)) (LongVQ)."""
+
+    def __init__(self, dim: int, hidden: int, kind: str = "swiglu", eps: float = 1e-5, dropout: float = 0.0):
+        super().__init__()
+        assert kind in ("swiglu", "silu"), kind
+        self.kind = kind
+        self.norm = RMSNorm(dim, eps)
+        self.w_in = nn.Linear(dim, 2 * hidden if kind == "swiglu" else hidden, bias=False)
+        self.w_out = nn.Linear(hidden, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.w_in(self.norm(x))
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.silu(h)
+        return x + self.dropout(self.w_out(h))

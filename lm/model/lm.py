@@ -1,0 +1,85 @@
+"""The language model: token embedding -> N x (mixer, FFN) -> norm -> tied head. Architecture only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from lm.config import ModelConfig
+from lm.model.common import FeedForward, RMSNorm
+from lm.model.longvq import LongVQMixer
+from lm.model.quantizer import VectorQuantizer
+from lm.model.transformer import SelfAttentionMixer
+
+MIXERS = {"longvq": LongVQMixer, "transformer": SelfAttentionMixer}
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, T, V)
+    aux_loss: Tensor  # scalar: weighted commitment losses summed over layers (0 for the Transformer)
+    state: Optional[list] = None  # per-layer streaming state when return_state=True
+    metrics: dict = field(default_factory=dict)  # detached per-layer diagnostics ("layer{i}/usage", ...)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.mixer = MIXERS[cfg.arch](cfg)
+        ffn_dim = cfg.ffn_dim or (2 * cfg.d_model if cfg.arch == "longvq" else int(8 * cfg.d_model / 3))
+        kind = "silu" if cfg.arch == "longvq" else "swiglu"
+        self.ffn = FeedForward(cfg.d_model, ffn_dim, kind, cfg.norm_eps, cfg.dropout)
+
+    def forward(self, x: Tensor, state=None, return_state: bool = False):
+        x, state, aux, metrics = self.mixer(x, state, return_state)
+        return self.ffn(x), state, aux, metrics
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def _init(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
+
+    def forward(self, tokens: Tensor, state: Optional[list] = None, return_state: bool = False) -> ModelOutput:
+        if tokens.dtype != torch.long:
+            raise TypeError(f"tokens must be int64 token ids, got {tokens.dtype}")
+        x = self.embed(tokens)
+        aux = x.new_zeros((), dtype=torch.float32)
+        new_states, metrics = [], {}
+        for i, block in enumerate(self.blocks):
+            x, s, a, m = block(x, None if state is None else state[i], return_state)
+            aux = aux + a
+            new_states.append(s)
+            metrics.update({f"layer{i}/{k}": v for k, v in m.items()})
+        logits = self.head(self.norm(x))
+        return ModelOutput(logits, aux, new_states if return_state else None, metrics)
+
+    def quantizers(self) -> list[VectorQuantizer]:
+        return [m for m in self.modules() if isinstance(m, VectorQuantizer)]
+
+    def apply_codebook_updates(self) -> None:
+        """Call once per optimizer step (after statistics were summed over data-parallel ranks)."""
+        for vq in self.quantizers():
+            vq.apply_update()
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if exclude_embeddings else n

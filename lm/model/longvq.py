@@ -1,0 +1,81 @@
+"""LongVQ token mixer: MEGA's gated EMA block with its attention replaced by causal chunked VQ attention.
+
+research/longvq_algorithm.md §A.3. With x the residual stream (B, T, D):
+    xn = RMSNorm(x)
+    v  = SiLU(xn W_v)                                    value branch (B, T, E)
+    m  = SiLU(EMA(xn))                                   damped multi-dimensional EMA (the SSM)
+    u, z, r, hx = split(m W_mx)                          u = sigmoid (update gate), z, r = SiLU
+    q = kappa_q * z + mu_q;  k = RMSNorm_nogain(kappa_k * z + mu_k)   per head
+    k_hat, codes = VQ(k)                                 straight-through, per-layer codebook
+    a = vq_attention(q, k_hat, v, ...)                   causal chunked VQ attention (§B)
+    h = SiLU(hx + (a * r) W_h)
+    out = x + u * (h - x)                                gated residual
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lm.config import ModelConfig
+from lm.model.common import RMSNorm, rms_normalize
+from lm.model.ema import MultiDimEMA
+from lm.model.quantizer import VectorQuantizer
+from lm.ops import vq_attention
+
+
+@dataclass
+class LongVQState:
+    ema: Tensor  # (B, D, N) float32
+    attn: object  # VQAttentionState (chunked/fused) or DenseAttentionState (dense)
+
+
+class LongVQMixer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        lv = cfg.longvq
+        D = cfg.d_model
+        self.d_model, self.z_dim = D, lv.z_dim
+        self.hidden = lv.hidden_dim or 2 * D
+        self.n_heads, self.chunk_size = lv.n_heads, lv.chunk_size
+        self.impl, self.normalize_keys, self.commit_beta = lv.attention_impl, lv.normalize_keys, lv.commit_beta
+        self.norm = RMSNorm(D, cfg.norm_eps)
+        self.v_proj = nn.Linear(D, self.hidden)
+        self.ema = MultiDimEMA(D, lv.ema_dim)
+        self.mx_proj = nn.Linear(D, D + lv.z_dim + self.hidden + D)
+        self.qk_scale = nn.Parameter(torch.ones(2, lv.z_dim))
+        self.qk_shift = nn.Parameter(torch.zeros(2, lv.z_dim))
+        self.rel_bias = nn.Parameter(torch.zeros(lv.n_heads, lv.chunk_size + 1))
+        self.quantizer = VectorQuantizer(lv.n_heads, lv.codebook_size, lv.z_dim // lv.n_heads, lv.codebook_decay,
+                                         dead_code_threshold=lv.dead_code_threshold)
+        self.h_proj = nn.Linear(self.hidden, D)
+        self.hidden_dropout = nn.Dropout(lv.hidden_dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, state: Optional[LongVQState] = None, return_state: bool = False):
+        B, T, D = x.shape
+        H, E, dz = self.n_heads, self.hidden, self.z_dim
+        xn = self.norm(x)
+        v = F.silu(self.v_proj(xn))
+        ema_out, ema_state = self.ema(xn, None if state is None else state.ema, return_state)
+        m = self.hidden_dropout(F.silu(ema_out))
+        u, zr, hx = self.mx_proj(m).split([D, dz + E, D], dim=-1)
+        u = torch.sigmoid(u)
+        z, r = F.silu(zr).split([dz, E], dim=-1)
+        q = (z * self.qk_scale[0] + self.qk_shift[0]).view(B, T, H, dz // H)
+        k = (z * self.qk_scale[1] + self.qk_shift[1]).view(B, T, H, dz // H)
+        if self.normalize_keys:
+            k = rms_normalize(k)
+        k_hat, codes, commit, metrics = self.quantizer(k)
+        attn, attn_state = vq_attention(
+            q, k_hat, v.view(B, T, H, E // H), codes, self.quantizer.codebook.to(q.dtype),
+            chunk_size=self.chunk_size, bias=self.rel_bias, state=None if state is None else state.attn,
+            return_state=return_state, impl=self.impl)
+        h = F.silu(hx + self.h_proj(attn.reshape(B, T, E) * r))
+        out = x + u * (self.dropout(h) - x)
+        new_state = LongVQState(ema_state, attn_state) if return_state else None
+        return out, new_state, self.commit_beta * commit, metrics

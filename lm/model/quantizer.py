@@ -1,0 +1,106 @@
+"""Per-layer key codebook: nearest-code assignment, straight-through estimator, EMA k-means updates.
+
+The codebook is c_sum / c_count (buffers, never optimizer parameters, research/longvq_algorithm.md
+§C). Training forwards accumulate per-code statistics (counts and key sums) in `stat_count` and
+`stat_sum`; the trainer sums them over data-parallel ranks and calls `apply_update()` once per
+optimizer step, so gradient accumulation and any number of replicas give the same codebook.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, n_heads: int, codebook_size: int, dim: int, decay: float = 0.99, eps: float = 1e-2,
+                 dead_code_threshold: float = 0.1):
+        super().__init__()
+        self.n_heads, self.codebook_size, self.dim = n_heads, codebook_size, dim
+        self.decay, self.eps, self.dead_code_threshold = decay, eps, dead_code_threshold
+        self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("c_sum", torch.randn(n_heads, codebook_size, dim))
+        self.register_buffer("c_count", torch.ones(n_heads, codebook_size))
+        self.register_buffer("stat_sum", torch.zeros(n_heads, codebook_size, dim))
+        self.register_buffer("stat_count", torch.zeros(n_heads, codebook_size))
+
+    @property
+    def codebook(self) -> Tensor:
+        """(H, S, d) float32, no gradient."""
+        return (self.c_sum.float() / self.c_count.float().clamp(min=self.eps)[..., None]).detach()
+
+    def keep_fp32(self) -> None:
+        """Engines that cast the module to bf16 cast buffers too; the codebook must stay float32."""
+        for name in ("c_sum", "c_count", "stat_sum", "stat_count"):  # n_updates is an integer
+            setattr(self, name, getattr(self, name).float())
+
+    def forward(self, k: Tensor):
+        """k (B, T, H, d) -> (k_hat with straight-through gradient, codes (B, T, H), commit loss, metrics)."""
+        B, T, H, d = k.shape
+        cb = self.codebook  # (H, S, d)
+        with torch.no_grad():
+            kf = k.detach().float()
+            dist = kf.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("bthd,hsd->bths", kf, cb) + cb.pow(2).sum(-1)[None, None]
+            codes = dist.argmin(dim=-1)  # (B, T, H)
+        head = torch.arange(H, device=k.device)[None, None].expand(B, T, H)
+        quant = cb[head, codes]  # (B, T, H, d) float32
+        k_hat = k + (quant.to(k.dtype) - k).detach()
+        commit = (k.float() - quant).pow(2).sum(-1).mean()
+        if self.training and torch.is_grad_enabled():
+            self.accumulate(kf, codes)
+        with torch.no_grad():
+            counts = torch.zeros(H, self.codebook_size, device=k.device).scatter_add_(
+                1, codes.reshape(-1, H).t(), torch.ones(H, B * T, device=k.device))
+            probs = counts / counts.sum(-1, keepdim=True)
+            entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
+            metrics = {
+                "usage": (counts > 0).float().mean(),
+                "perplexity": entropy.exp().mean(),
+                "commit": commit.detach(),
+                "rel_error": ((kf - quant).norm() / kf.norm().clamp(min=1e-12)),
+            }
+        return k_hat, codes, commit, metrics
+
+    @torch.no_grad()
+    def accumulate(self, k: Tensor, codes: Tensor) -> None:
+        H = self.n_heads
+        flat_codes = codes.reshape(-1, H).t()  # (H, N)
+        flat_k = k.reshape(-1, H, self.dim).transpose(0, 1)  # (H, N, d)
+        self.stat_count.scatter_add_(1, flat_codes, torch.ones_like(flat_codes, dtype=self.stat_count.dtype))
+        self.stat_sum.scatter_add_(1, flat_codes[..., None].expand(-1, -1, self.dim), flat_k.to(self.stat_sum.dtype))
+
+    @torch.no_grad()
+    def apply_update(self) -> None:
+        """One EMA k-means step from the accumulated (already all-reduced) statistics, then reset them."""
+        if float(self.stat_count.sum()) == 0.0:
+            return
+        g = self.decay
+        self.c_sum.mul_(g).add_(self.stat_sum, alpha=1 - g)
+        self.c_count.mul_(g).add_(self.stat_count, alpha=1 - g)
+        self.stat_sum.zero_()
+        self.stat_count.zero_()
+        self.n_updates += 1
+        if self.dead_code_threshold > 0:
+            self.split_dead_codes()
+
+    @torch.no_grad()
+    def split_dead_codes(self) -> None:
+        """Re-seed codes whose EMA count fell below threshold * mean count by splitting the most used
+        codes (LBG-style: a copy plus a small perturbation, the count shared between the two).
+        A pure function of the synchronised buffers and the update counter, so every data-parallel
+        replica makes the same change without communicating."""
+        gen = torch.Generator(device="cpu").manual_seed(int(self.n_updates))
+        for h in range(self.n_heads):
+            count = self.c_count[h]
+            dead = (count < self.dead_code_threshold * count.mean()).nonzero().flatten()
+            if dead.numel() == 0:
+                continue
+            donors = count.argsort(descending=True)[: dead.numel()]
+            centers = self.c_sum[h, donors] / count[donors].clamp(min=self.eps)[:, None]
+            scale = centers.pow(2).mean(-1, keepdim=True).sqrt()
+            noise = torch.randn(centers.shape, generator=gen).to(centers) * 0.05 * scale
+            half = count[donors] / 2
+            self.c_count[h, donors] = half
+            self.c_sum[h, donors] = (centers - noise) * half[:, None]
+            self.c_count[h, dead] = half
+            self.c_sum[h, dead] = (centers + noise) * half[:, None]

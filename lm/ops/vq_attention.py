@@ -1,0 +1,72 @@
+"""Public entry point of causal chunked VQ attention: one signature, several implementations.
+
+    out, state = vq_attention(q, k_hat, v, codes, codebook, chunk_size=C, bias=b,
+                              state=None, return_state=False, impl="auto")
+
+impl: "dense" (O(T^2) oracle, tests only), "chunked" (pure PyTorch, O(T (C + S))), "fused" (GPU
+kernel, lm/ops/vq_attention_fused.py), "auto" (fused when it supports the inputs on CUDA, else
+chunked; the choice is logged once). See vq_attention_ref.py for shapes and the exact rule.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from torch import Tensor
+
+from lm.ops.vq_attention_ref import (
+    DenseAttentionState,
+    VQAttentionState,
+    chunked_vq_attention,
+    dense_vq_attention,
+)
+
+log = logging.getLogger(__name__)
+IMPLS = ("dense", "chunked", "fused", "auto")
+_logged: set = set()
+
+
+def _fused_module():
+    try:
+        from lm.ops import vq_attention_fused
+    except ImportError:  # Triton missing (CPU-only installs)
+        return None
+    return vq_attention_fused
+
+
+def resolve_impl(impl: str, q: Tensor, v: Tensor, chunk_size: int, state=None) -> str:
+    """The implementation that will run for these inputs (logs the choice for 'auto' once)."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    fused = _fused_module() if q.is_cuda else None
+    if fused is not None and fused.supports(q, v, chunk_size, state):
+        choice, why = "fused", "CUDA kernel supports these shapes"
+    else:
+        choice = "chunked"
+        why = "inputs are not on CUDA" if not q.is_cuda else "the fused kernel does not support these inputs"
+    key = (choice, why)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("vq_attention impl=auto -> %s (%s)", choice, why)
+    return choice
+
+
+def vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codebook: Tensor, *, chunk_size: int,
+                 bias: Optional[Tensor] = None, scale: Optional[float] = None, state=None,
+                 return_state: bool = False, impl: str = "auto"):
+    impl = resolve_impl(impl, q, v, chunk_size, state)
+    kwargs = dict(chunk_size=chunk_size, bias=bias, scale=scale, state=state, return_state=return_state)
+    if impl == "dense":
+        return dense_vq_attention(q, k_hat, v, codes, codebook, **kwargs)
+    if impl == "chunked":
+        return chunked_vq_attention(q, k_hat, v, codes, codebook, **kwargs)
+    fused = _fused_module()
+    if fused is None:
+        raise RuntimeError("attention_impl=fused needs Triton and a CUDA GPU; use attention_impl=chunked or auto")
+    return fused.fused_vq_attention(q, k_hat, v, codes, codebook, **kwargs)
+
+
+__all__ = ["vq_attention", "resolve_impl", "VQAttentionState", "DenseAttentionState", "IMPLS"]

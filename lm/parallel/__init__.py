@@ -1,0 +1,1 @@
+"""How a run is distributed: the DeepSpeed config (generated from the typed config) and process setup."""

@@ -1,0 +1,60 @@
+"""Process setup for DeepSpeed: launcher-less single-process defaults, the backend, and the
+data-parallel all-reduce of codebook statistics (one bucketed collective per optimizer step)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+
+import torch
+import torch.distributed as tdist
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_launcher_env() -> None:
+    """`python -m lm.train` without torchrun/deepspeed: behave as a 1-process launch."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+
+
+def import_deepspeed():
+    """Import DeepSpeed quietly; skip the 55 s g++ build of its inference-only shm op on CPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    if os.environ.get("LONGVQ_BUILD_SHM", "0") != "1":
+        comm_torch.build_shm_op = lambda: None
+    return deepspeed
+
+
+def init_distributed():
+    deepspeed = import_deepspeed()
+    if not tdist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return deepspeed
+
+
+def all_reduce_codebook_stats(quantizers, group=None) -> None:
+    """Sum every layer's (count, sum) statistics over the data-parallel group in one collective."""
+    if not quantizers or not tdist.is_initialized() or tdist.get_world_size(group) == 1:
+        return
+    tensors = [t for vq in quantizers for t in (vq.stat_count, vq.stat_sum)]
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()
