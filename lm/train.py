@@ -53,6 +53,12 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def grad_norm_of(module: torch.nn.Module) -> float:
+    grads = [p.grad.float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+@torch.no_grad()
 def evaluate_loss(model, sampler: WindowSampler, batches: int, batch_size: int, device) -> float:
     """Mean held-out loss over the first `batches` fixed windows (cheap in-training signal)."""
     was_training = model.training
@@ -129,6 +135,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
                  cfg.model.arch, n_params / 1e6, world, global_batch, cfg.data.seq_len,
                  "bf16" if use_bf16(cfg.train, on_gpu) else "fp32")
 
+    # DeepSpeed records the global grad norm for ZeRO >= 1 and bf16; plain fp32 ZeRO-0 we measure ourselves.
+    fallback_grad_norm = cfg.parallel.zero_stage == 0 and not use_bf16(cfg.train, on_gpu)
+    pre_clip_norm = None
     losses = []
     engine.train()
     last_time = time.perf_counter()
@@ -144,6 +153,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
                     f"non-finite loss {loss.item()} at step {step + 1} (micro-batch {m}); lower optim.lr or "
                     f"check the data; the last good checkpoint is under {ckpt_root}")
             engine.backward(loss)
+            if m == accum - 1 and fallback_grad_norm:
+                pre_clip_norm = grad_norm_of(engine.module)
             engine.step()
             ce_sum += ce.item() / accum
             aux_sum += float(out.aux_loss.detach()) / accum
@@ -157,7 +168,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
 
         now = time.perf_counter()
         dt, last_time = now - last_time, now
-        grad_norm = engine.get_global_grad_norm()
+        grad_norm = pre_clip_norm if fallback_grad_norm else engine.get_global_grad_norm()
         scalars = {"train/loss": ce_sum, "train/lr": scheduler.get_last_lr()[0],
                    "train/tokens_per_s": tokens_per_step / dt, "train/commit_loss": aux_sum,
                    "train/step_time_s": dt}

@@ -39,45 +39,56 @@ class MultiDimEMA(nn.Module):
         nn.init.normal_(self.gamma, 0.0, 1.0)
         nn.init.normal_(self.omega, 0.0, 1.0)
 
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        """Computation dtype: float32 at least (float64 parameters stay float64)."""
+        return torch.promote_types(self.delta.dtype, torch.float32)
+
     def coefficients(self) -> tuple[Tensor, Tensor]:
-        """(p * beta, q), each (D, N) in float32."""
-        p = torch.sigmoid(self.delta.float())
-        q = 1.0 - p * torch.sigmoid(self.alpha.float())
-        return p * self.beta.float(), q
+        """(p * beta, q), each (D, N), in acc_dtype."""
+        f = self.acc_dtype
+        p = torch.sigmoid(self.delta.to(f))
+        q = 1.0 - p * torch.sigmoid(self.alpha.to(f))
+        return p * self.beta.to(f), q
+
+    def _powers(self, q: Tensor, start: int, stop: int, step: int = 1) -> Tensor:
+        """q ** l for l in range(start, stop, step): (D, N, L)."""
+        exps = torch.arange(start, stop, step, device=q.device, dtype=q.dtype)
+        return torch.exp(exps[None, None] * q.log()[..., None])
 
     def kernel(self, length: int) -> Tensor:
-        """K (D, L) in float32."""
+        """K (D, L)."""
         pb, q = self.coefficients()
-        powers = torch.exp(torch.arange(length, device=q.device, dtype=torch.float32)[None, None] * q.log()[..., None])
-        return torch.einsum("dn,dnl->dl", pb * self.gamma.float() * self.scale, powers)
+        return torch.einsum("dn,dnl->dl", pb * self.gamma.to(q.dtype) * self.scale, self._powers(q, 0, length))
 
     def forward(self, x: Tensor, state: Optional[Tensor] = None, return_state: bool = False):
-        """x (B, T, D) -> (y (B, T, D), h_T (B, D, N) or None). state: h_0 (B, D, N) float32."""
+        """x (B, T, D) -> (y (B, T, D), h_T (B, D, N) or None). state: h_0 (B, D, N) in acc_dtype."""
         B, T, D = x.shape
-        xf = x.float().transpose(1, 2)  # (B, D, T)
+        f = self.acc_dtype
+        xf = x.to(f).transpose(1, 2)  # (B, D, T)
         k = self.kernel(T)
         n = 2 * T
         y = torch.fft.irfft(torch.fft.rfft(xf, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :T]
         pb, q = self.coefficients()
+        gamma = self.gamma.to(f) * self.scale
         if state is not None:
-            decay = torch.exp(torch.arange(1, T + 1, device=x.device, dtype=torch.float32)[None, None] * q.log()[..., None])
-            y = y + torch.einsum("dn,dnt,bdn->bdt", self.gamma.float() * self.scale, decay, state.float())
-        y = y.transpose(1, 2) + x.float() * self.omega.float()
+            y = y + torch.einsum("dn,dnt,bdn->bdt", gamma, self._powers(q, 1, T + 1), state.to(f))
+        y = y.transpose(1, 2) + x.to(f) * self.omega.to(f)
         new_state = None
         if return_state:
-            rev = torch.exp(torch.arange(T - 1, -1, -1, device=x.device, dtype=torch.float32)[None, None] * q.log()[..., None])
-            new_state = torch.einsum("dn,dnt,bdt->bdn", pb, rev, xf)
+            new_state = torch.einsum("dn,dnt,bdt->bdn", pb, self._powers(q, T - 1, -1, -1), xf)
             if state is not None:
-                new_state = new_state + q.pow(T)[None] * state.float()
+                new_state = new_state + q.pow(T)[None] * state.to(f)
         return y.to(x.dtype), new_state
 
     def step(self, x: Tensor, state: Optional[Tensor] = None):
         """Recurrent reference: x (B, T, D), one token at a time. Returns (y, h_T)."""
         B, T, D = x.shape
         pb, q = self.coefficients()
-        h = x.new_zeros(B, D, self.ndim, dtype=torch.float32) if state is None else state.float()
+        f = q.dtype
+        h = x.new_zeros(B, D, self.ndim, dtype=f) if state is None else state.to(f)
         ys = []
         for t in range(T):
-            h = pb[None] * x[:, t, :, None].float() + q[None] * h
-            ys.append((h * self.gamma.float()[None]).sum(-1) * self.scale + x[:, t].float() * self.omega.float())
+            h = pb[None] * x[:, t, :, None].to(f) + q[None] * h
+            ys.append((h * self.gamma.to(f)[None]).sum(-1) * self.scale + x[:, t].to(f) * self.omega.to(f))
         return torch.stack(ys, dim=1).to(x.dtype), h

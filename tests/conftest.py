@@ -1,0 +1,47 @@
+"""Test defaults: CPU, deterministic, TF32 off; `gpu` tests skip themselves without CUDA."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped otherwise)")
+    config.addinivalue_line("markers", "slow: longer end-to-end tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+
+
+@pytest.fixture
+def tiny_model_config():
+    from lm.config import ModelConfig, LongVQConfig, TransformerConfig
+
+    def make(arch="longvq", impl="chunked", **kw):
+        lv = LongVQConfig(attention_impl=impl, chunk_size=4, codebook_size=8, n_heads=2, z_dim=16, ema_dim=4)
+        return ModelConfig(arch=arch, vocab_size=32, d_model=32, n_layers=2, longvq=lv,
+                           transformer=TransformerConfig(n_heads=2), **kw)
+
+    return make
