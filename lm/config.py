@@ -95,6 +95,8 @@ class DataConfig:
     """Local file or folder for datasets that need one (see evals/README)."""
     cache_dir: str = "~/.cache/longvq"
     """Where prepared token arrays are cached."""
+    tokenizer: str = "byte"
+    """byte = UTF-8 bytes (vocab 256), or the path of a sentencepiece .model (tokenizers/train_sentencepiece.py)."""
     seq_len: int = 256
     """Training context length in tokens."""
     max_train_bytes: Optional[int] = None
