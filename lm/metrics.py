@@ -8,6 +8,35 @@ from pathlib import Path
 log = logging.getLogger("lm.train")
 
 
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak of one GPU, by name (None when unknown, e.g. on CPU: no MFU is reported)."""
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def flops_per_token(model_cfg, seq_len: int, n_params: int) -> float:
+    """Training FLOPs per token (forward + backward), one declared formula per arch:
+      both:        6 * n_params                       (all weights incl. the tied embedding/head)
+      transformer: + 6 * L * d * T                    (causal attention: 2 matmuls over T/2 keys, x3 fwd+bwd)
+      longvq:      + 6 * L * (C/2 + C + S) * (d_z + E) (own chunk, previous chunk, S codes; x3 fwd+bwd)
+                   + 2 * L * S * d_z                  (nearest-code search, forward only)
+    The EMA's FFT convolution (O(T log T) per channel) and element-wise work are not counted."""
+    L = model_cfg.n_layers
+    base = 6.0 * n_params
+    if model_cfg.arch == "transformer":
+        return base + 6.0 * L * model_cfg.d_model * seq_len
+    lv = model_cfg.longvq
+    C, S = lv.chunk_size, lv.codebook_size
+    E = lv.hidden_dim or 2 * model_cfg.d_model
+    keys = min(C / 2 + C, seq_len / 2) + S
+    return base + 6.0 * L * keys * (lv.z_dim + E) + 2.0 * L * S * lv.z_dim
+
+
 def summarize_codebooks(layer_metrics: dict) -> dict:
     """Per-layer codebook diagnostics ("layer3/usage") -> averages and per-layer TensorBoard tags."""
     out, groups = {}, {}

@@ -7,6 +7,7 @@ Forking after the heavy imports makes a 1-2 process DeepSpeed job cost about a s
 from __future__ import annotations
 
 import importlib
+import io
 import multiprocessing as mp
 import os
 import traceback
@@ -30,7 +31,9 @@ def _worker(fn, rank, world_size, port, queue, kwargs):
                       WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size))
     torch.set_num_threads(1)
     try:
-        queue.put((rank, "ok", fn(**kwargs)))
+        buf = io.BytesIO()  # plain bytes: torch's fd-sharing pickler races with os._exit below
+        torch.save(fn(**kwargs), buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "err", traceback.format_exc()))
     finally:
@@ -59,7 +62,7 @@ def run_dist(fn, world_size: int = 2, timeout: float = 180, **kwargs) -> list:
                 break
             rank, status, payload = queue.get()
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
                 break

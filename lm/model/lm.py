@@ -73,7 +73,11 @@ class LanguageModel(nn.Module):
         return ModelOutput(logits, aux, new_states if return_state else None, metrics)
 
     def quantizers(self) -> list[VectorQuantizer]:
-        return [m for m in self.modules() if isinstance(m, VectorQuantizer)]
+        return [vq for _, vq in self.named_quantizers()]
+
+    def named_quantizers(self) -> list[tuple[int, VectorQuantizer]]:
+        """(layer index, quantizer) for every LongVQ layer."""
+        return [(i, b.mixer.quantizer) for i, b in enumerate(self.blocks) if hasattr(b.mixer, "quantizer")]
 
     def apply_codebook_updates(self) -> None:
         """Call once per optimizer step (after statistics were summed over data-parallel ranks)."""

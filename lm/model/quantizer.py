@@ -23,6 +23,10 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("c_count", torch.ones(n_heads, codebook_size))
         self.register_buffer("stat_sum", torch.zeros(n_heads, codebook_size, dim))
         self.register_buffer("stat_count", torch.zeros(n_heads, codebook_size))
+        self.register_buffer("stat_err", torch.zeros(2))  # sum ||k - c_z||^2, sum ||k||^2 (diagnostics)
+        self.accumulate_stats = True  # switched off while activation checkpointing recomputes a forward
+
+    stat_names = ("stat_count", "stat_sum", "stat_err")
 
     @property
     def codebook(self) -> Tensor:
@@ -31,7 +35,7 @@ class VectorQuantizer(nn.Module):
 
     def keep_fp32(self) -> None:
         """Engines that cast the module to bf16 cast buffers too; the codebook must stay float32."""
-        for name in ("c_sum", "c_count", "stat_sum", "stat_count"):  # n_updates is an integer
+        for name in self.stat_names + ("c_sum", "c_count"):  # n_updates is an integer
             setattr(self, name, getattr(self, name).float())
 
     def forward(self, k: Tensor):
@@ -46,8 +50,8 @@ class VectorQuantizer(nn.Module):
         quant = cb[head, codes]  # (B, T, H, d) float32
         k_hat = k + (quant.to(k.dtype) - k).detach()
         commit = (k.float() - quant).pow(2).sum(-1).mean()
-        if self.training and torch.is_grad_enabled():
-            self.accumulate(kf, codes)
+        if self.training and torch.is_grad_enabled() and self.accumulate_stats:
+            self.accumulate(kf, codes, quant)
         with torch.no_grad():
             counts = torch.zeros(H, self.codebook_size, device=k.device).scatter_add_(
                 1, codes.reshape(-1, H).t(), torch.ones(H, B * T, device=k.device))
@@ -62,12 +66,25 @@ class VectorQuantizer(nn.Module):
         return k_hat, codes, commit, metrics
 
     @torch.no_grad()
-    def accumulate(self, k: Tensor, codes: Tensor) -> None:
+    def accumulate(self, k: Tensor, codes: Tensor, quant: Tensor) -> None:
         H = self.n_heads
+        self.stat_err[0] += (k - quant).pow(2).sum().to(self.stat_err.dtype)
+        self.stat_err[1] += k.pow(2).sum().to(self.stat_err.dtype)
         flat_codes = codes.reshape(-1, H).t()  # (H, N)
         flat_k = k.reshape(-1, H, self.dim).transpose(0, 1)  # (H, N, d)
         self.stat_count.scatter_add_(1, flat_codes, torch.ones_like(flat_codes, dtype=self.stat_count.dtype))
         self.stat_sum.scatter_add_(1, flat_codes[..., None].expand(-1, -1, self.dim), flat_k.to(self.stat_sum.dtype))
+
+    @torch.no_grad()
+    def step_metrics(self) -> dict:
+        """Codebook health over the statistics accumulated this step (call before apply_update)."""
+        count = self.stat_count.float()
+        total = count.sum(-1, keepdim=True).clamp(min=1)
+        probs = count / total
+        entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
+        return {"usage": float((count > 0).float().mean()), "perplexity": float(entropy.exp().mean()),
+                "rel_error": float((self.stat_err[0] / self.stat_err[1].clamp(min=1e-12)).sqrt()),
+                "dead_codes": float((self.c_count < self.dead_code_threshold * self.c_count.mean(-1, keepdim=True)).float().mean())}
 
     @torch.no_grad()
     def apply_update(self) -> None:
@@ -77,8 +94,8 @@ class VectorQuantizer(nn.Module):
         g = self.decay
         self.c_sum.mul_(g).add_(self.stat_sum, alpha=1 - g)
         self.c_count.mul_(g).add_(self.stat_count, alpha=1 - g)
-        self.stat_sum.zero_()
-        self.stat_count.zero_()
+        for name in self.stat_names:
+            getattr(self, name).zero_()
         self.n_updates += 1
         if self.dead_code_threshold > 0:
             self.split_dead_codes()
