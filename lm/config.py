@@ -137,9 +137,11 @@ class TrainConfig:
     """Held-out loss every N steps (0 = never during training)."""
     eval_batches: int = 8
     progress_bar: bool = True
-    on_nonfinite: Literal["halt", "skip"] = "halt"
-    """What to do when the loss is NaN/inf: halt with a message, or skip the step (counted)."""
+    on_nonfinite: Literal["halt", "skip", "rollback"] = "halt"
+    """Loss NaN/inf: halt with a message; skip the step's update (the bad micro-batch gives no gradient);
+    or rollback to the last checkpoint and continue past the bad data. Every event is logged and counted."""
     max_skipped_steps: int = 10
+    """skip/rollback events allowed before the run halts anyway."""
 
 
 @dataclass(kw_only=True)
@@ -183,6 +185,9 @@ class RunConfig:
                "parallel.pipeline_stages > 1 works only with parallel.zero_stage 0 or 1: ZeRO-2/3 partition "
                "gradients, which the pipeline accumulates over micro-batches (DeepSpeed asserts on it). "
                "Use parallel.zero_stage=1 with pipelines, or pipeline_stages=1 with ZeRO-2/3.")
+        _check(not (self.parallel.pipeline_stages > 1 and self.train.on_nonfinite == "skip"),
+               "train.on_nonfinite=skip needs the loss before the update, which pipelines only report after it: "
+               "use train.on_nonfinite=rollback (or halt) with parallel.pipeline_stages > 1")
         _check(self.optim.lr > 0 and 0 <= self.optim.min_lr_ratio <= 1, "optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
 
 

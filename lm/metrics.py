@@ -72,11 +72,16 @@ class MetricsLogger:
             return
         for k, v in scalars.items():
             self.writer.add_scalar(k, v, step)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+        if "train/loss" not in scalars:  # a skipped step (non-finite loss)
+            msg = f"step {step} skipped: non-finite loss (events so far: {scalars.get('train/nonfinite_events', 0):.0f})"
+            self.bar.write(msg) if self.bar is not None else log.warning(msg)
+            return
         short = {"loss": f"{scalars['train/loss']:.4f}", "tok/s": f"{scalars['train/tokens_per_s']:.0f}"}
         if "codebook/usage" in scalars:
             short["codes"] = f"{scalars['codebook/usage']:.2f}"
         if self.bar is not None:
-            self.bar.update(step - self.bar.n)
             self.bar.set_postfix(short, refresh=False)
         if log_scalars:
             extra = f" valid_bpb {scalars['valid/bpb']:.3f}" if "valid/bpb" in scalars else ""

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,10 @@ log = logging.getLogger("lm.train")
 
 
 class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class CheckpointSaveFailed(RuntimeError):
     pass
 
 
@@ -102,7 +107,7 @@ def _codebook_metrics(quantizers, gather: bool) -> dict:
 class Trainer:
     """Builds the engine for the configured topology and runs optimizer steps."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, resume: str | None = None):
         self.cfg = cfg
         ensure_launcher_env()
         deepspeed = init_distributed()
@@ -113,13 +118,17 @@ class Trainer:
         if self.world % self.pp:
             raise ConfigError(f"parallel.pipeline_stages={self.pp} does not divide the {self.world} processes")
         self.dp = self.world // self.pp
+        self.ckpt_root = Path(cfg.train.run_dir) / "checkpoints"
+        self.resume_plan = self._plan_resume(resume) if resume else None
+        # A pipeline checkpoint keeps the pipeline layout (parameter names) even on one stage.
+        self.pipelined = self.pp > 1 or bool(self.resume_plan and self.resume_plan["layout"] == "pipeline")
 
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
         self.n_params = model.num_params()
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model.blocks)
-        if self.pp > 1:
+        if self.pipelined:
             from lm.parallel.pipeline import PipelineLoss, build_pipeline, pipeline_quantizers
 
             self.loss_fn = PipelineLoss()
@@ -129,33 +138,124 @@ class Trainer:
             net, self.loss_fn = model, None
             self.quantizers = model.named_quantizers()
         self.ds_config = build_deepspeed_config(cfg.train, cfg.optim, cfg.parallel, self.dp, self.on_gpu)
+        if self.resume_plan and self.resume_plan["universal"]:
+            self.ds_config["checkpoint"] = {"load_universal": True}
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=net, model_parameters=param_groups(net, cfg.optim.weight_decay), config=self.ds_config,
             lr_scheduler=scheduler_factory(cfg.optim, cfg.train.max_steps))
         for _, vq in self.quantizers:
             vq.keep_fp32()
-        if self.pp > 1:
+        if self.pipelined:
             grid = self.engine.grid
             self.dp_rank, self.dp_group = grid.get_data_parallel_rank(), grid.get_data_parallel_group()
         else:
             self.dp_rank, self.dp_group = self.rank, None
         self.step, self.consumed = 0, 0
+        self.nonfinite_events = 0
+        self.stop_requested = False  # set by SIGTERM/SIGUSR1: finish the step, save, exit 0
+        self.last_saved = None  # (root, tag) of the newest checkpoint this run can roll back to
+        if self.resume_plan:
+            self._load(self.resume_plan)
 
-    # -- state -----------------------------------------------------------------------------
-    def resume(self, resume: str, ckpt_root: Path) -> None:
+    # -- checkpoints -----------------------------------------------------------------------
+    def _plan_resume(self, resume: str) -> dict | None:
+        """Find and verify the checkpoint on rank 0, decide how to load it, and tell every rank."""
+        plan, error = None, None
+        if self.rank == 0:
+            try:
+                plan = self._find_checkpoint(resume)
+            except (checkpoint.CheckpointError, ConfigError) as exc:
+                error = str(exc)
+        box = [plan, error]
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            tdist.broadcast_object_list(box, src=0)
+        plan, error = box
+        if error:
+            raise checkpoint.CheckpointError(error)
+        if plan and plan["universal"] and self.rank == 0 and plan.get("convert"):
+            checkpoint.to_universal(Path(plan["root"]), plan["tag"])
+        if tdist.is_initialized():
+            tdist.barrier()
+        if plan and plan["universal"]:
+            plan["load_root"] = str(Path(plan["root"]) / "universal")
+        return plan
+
+    def _find_checkpoint(self, resume: str) -> dict | None:
         if resume == "auto":
-            if not (ckpt_root / "latest").is_file():
-                if self.rank == 0:
-                    log.info("resume=auto: no checkpoint in %s yet, starting fresh", ckpt_root)
-                return
-            target = (ckpt_root, None)
+            root, tag = self.ckpt_root, checkpoint.newest_good(self.ckpt_root)
+            if tag is None:
+                log.info("resume=auto: no complete checkpoint in %s yet, starting fresh", self.ckpt_root)
+                return None
         else:
-            target = checkpoint.resolve_checkpoint(resume)
-        state = checkpoint.load(self.engine, target[0], target[1])
+            root, tag = checkpoint.resolve_checkpoint(resume)
+            checkpoint.verify(root / tag)
+        checkpoint.check_compatible(checkpoint.load_checkpoint_config(root, tag), self.cfg, root / tag)
+        state = checkpoint.load_trainer_state(root, tag)
+        saved = dict(state["topology"])
+        saved.setdefault("layout", "pipeline" if saved["pipeline_stages"] > 1 else "plain")
+        layout = "pipeline" if (self.pp > 1 or saved["layout"] == "pipeline") else "plain"
+        now = {"world_size": self.world, "zero_stage": self.cfg.parallel.zero_stage, "pipeline_stages": self.pp,
+               "layout": layout}
+        if saved["layout"] == "plain" and layout == "pipeline":
+            raise checkpoint.CheckpointError(
+                f"{root / tag} was saved without pipeline parallelism; resume it with parallel.pipeline_stages=1, "
+                f"or export it (`python -m lm.checkpoint export {root / tag} OUT`) and start the pipeline run from that")
+        same = saved == now
+        if not same and saved["zero_stage"] != now["zero_stage"]:
+            raise checkpoint.CheckpointError(
+                f"{root / tag} was saved with ZeRO-{saved['zero_stage']}; resume it with parallel.zero_stage="
+                f"{saved['zero_stage']} (any number of processes), or export the weights with "
+                f"`python -m lm.checkpoint export {root / tag} OUT` and start a new run from them")
+        universal = not same and saved["zero_stage"] >= 1
+        if not same and not universal and saved["pipeline_stages"] != self.pp:
+            raise checkpoint.CheckpointError(
+                f"{root / tag} is a ZeRO-0 pipeline checkpoint ({saved['pipeline_stages']} stages); DeepSpeed can "
+                f"reshard pipelines only from ZeRO >= 1: resume with parallel.pipeline_stages={saved['pipeline_stages']}")
+        log.info("resuming from %s (saved on %s, now %s%s)", root / tag, saved, now,
+                 "; converting to a universal checkpoint" if universal else "")
+        return {"root": str(root), "tag": tag, "load_root": str(root), "universal": universal, "convert": universal,
+                "layout": layout}
+
+    def _load(self, plan: dict) -> None:
+        checkpoint.load(self.engine, Path(plan["load_root"]), plan["tag"])
+        state = checkpoint.load_trainer_state(Path(plan["root"]), plan["tag"])
         self.step, self.consumed = state["step"], state["consumed_samples"]
+        self.nonfinite_events = int(state.get("nonfinite_events", 0))
         checkpoint.restore_rng(state)
+        self.last_saved = (Path(plan["root"]), plan["tag"])
         if self.rank == 0:
             log.info("resumed at step %d (%d samples consumed)", self.step, self.consumed)
+
+    def save(self) -> Path:
+        cfg = self.cfg
+        path = checkpoint.save(self.engine, cfg, self.ckpt_root, self.step, self.consumed, self.world,
+                               self.rank == 0, cfg.train.keep_last, extra={"nonfinite_events": self.nonfinite_events},
+                               layout="pipeline" if self.pipelined else "plain")
+        self.last_saved = (self.ckpt_root, path.name)
+        return path
+
+    def _nonfinite(self, where: str) -> None:
+        """Count a non-finite loss; halt when the policy says so or the budget is spent."""
+        policy = self.cfg.train.on_nonfinite
+        self.nonfinite_events += 1
+        if policy == "halt" or self.nonfinite_events > self.cfg.train.max_skipped_steps:
+            why = "train.on_nonfinite=halt" if policy == "halt" else f"more than train.max_skipped_steps={self.cfg.train.max_skipped_steps} events"
+            raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} ({where}); stopping ({why})")
+        if self.rank == 0:
+            log.warning("non-finite loss at step %d (%s): %s (event %d of at most %d)", self.step + 1, where,
+                        policy, self.nonfinite_events, self.cfg.train.max_skipped_steps)
+
+    def _rollback(self) -> None:
+        """Reload the last good checkpoint; keep going past the data consumed so far (the bad batch included)."""
+        if self.last_saved is None:
+            if self.rank == 0:
+                log.warning("rollback requested but no checkpoint exists yet: the step was skipped instead")
+            return
+        root, tag = self.last_saved
+        consumed = self.consumed
+        events = self.nonfinite_events
+        self._load({"root": str(root), "tag": tag, "load_root": str(root), "universal": False, "layout": None})
+        self.consumed, self.nonfinite_events = consumed, events
 
     # -- one optimizer step ----------------------------------------------------------------
     def train_step(self, sampler: WindowSampler) -> dict:
@@ -163,9 +263,11 @@ class Trainer:
         micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
         batches = [sampler.micro_batch(self.consumed, m, self.dp_rank, self.dp, micro) for m in range(accum)]
         grad_norm = None
-        if self.pp > 1:
+        bad = 0.0  # non-finite micro-batches seen by this rank
+        if self.pipelined:
             engine.train_batch(data_iter=iter(batches))
             ce_sum, aux_sum, count = self.loss_fn.pop()  # non-zero on the last stage only
+            bad = float(not math.isfinite(ce_sum + aux_sum))
         else:
             ce_sum, aux_sum, count = 0.0, 0.0, 0
             fallback_norm = cfg.parallel.zero_stage == 0 and not use_bf16(cfg.train, self.on_gpu)
@@ -173,22 +275,40 @@ class Trainer:
                 out = engine(x.to(self.device))
                 ce = cross_entropy(out.logits, y.to(self.device))
                 loss = ce + out.aux_loss
-                if not torch.isfinite(loss.detach()):
-                    raise NonFiniteLoss(f"non-finite loss {loss.item()} at step {self.step + 1} (micro-batch {m})")
-                engine.backward(loss)
-                if m == accum - 1 and fallback_norm:  # DeepSpeed records no grad norm for fp32 ZeRO-0
-                    grad_norm = grad_norm_of(engine.module)
+                if torch.isfinite(loss.detach()):
+                    engine.backward(loss)
+                    ce_sum += ce.item()
+                    aux_sum += float(out.aux_loss.detach())
+                    count += 1
+                else:
+                    if cfg.train.on_nonfinite == "halt":
+                        raise NonFiniteLoss(f"non-finite loss {loss.item()} at step {self.step + 1} (micro-batch {m}); "
+                                            "stopping (train.on_nonfinite=halt)")
+                    bad += 1  # this micro-batch contributes an exact zero gradient
+                    engine.backward(sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0)
+                if m == accum - 1:
+                    if fallback_norm:  # DeepSpeed records no grad norm for fp32 ZeRO-0
+                        grad_norm = grad_norm_of(engine.module)
+                    if _sum_over_world([bad], self.device)[0] > 0:
+                        for group in engine.optimizer.param_groups:
+                            group["lr"] = 0.0  # no parameter update this step (the scheduler restores the lr)
                 engine.step()
-                ce_sum += ce.item()
-                aux_sum += float(out.aux_loss.detach())
-                count += 1
-        ce_sum, aux_sum, count = _sum_over_world([ce_sum, aux_sum, count], self.device)
-        loss = ce_sum / count
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(f"non-finite loss {loss} at step {self.step + 1}")
+        ce_sum, aux_sum, count, bad_total, stop = _sum_over_world([ce_sum, aux_sum, count, bad, float(self.stop_requested)], self.device)
+        self.stop_requested = stop > 0
         all_reduce_codebook_stats([vq for _, vq in self.quantizers], self.dp_group)
+        if bad_total > 0 or count == 0:
+            for _, vq in self.quantizers:  # statistics of a skipped step are dropped with it
+                for name in vq.stat_names:
+                    getattr(vq, name).zero_()
+            self._nonfinite(f"{int(bad_total)} non-finite micro-batch(es)")
+            self.step += 1
+            self.consumed += micro * accum * self.dp
+            if cfg.train.on_nonfinite == "rollback":
+                self._rollback()
+            return {"train/nonfinite_events": float(self.nonfinite_events), "train/skipped": 1.0}
+        loss = ce_sum / count
         scalars = {"train/loss": loss, "train/commit_loss": aux_sum / count, "train/lr": self.scheduler.get_last_lr()[0]}
-        if self.quantizers or self.pp > 1:
+        if self.quantizers or self.pipelined:
             scalars.update(summarize_codebooks(_codebook_metrics(self.quantizers, gather=self.pp > 1)))
         for _, vq in self.quantizers:
             vq.apply_update()
@@ -196,17 +316,33 @@ class Trainer:
             grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
+        scalars["train/nonfinite_events"] = float(self.nonfinite_events)
         self.step += 1
         self.consumed += micro * accum * self.dp
         return scalars
 
 
+def _install_preemption_handlers(trainer: Trainer) -> dict:
+    """SIGTERM / SIGUSR1 (Slurm's warning signal): finish the current step, save, exit 0."""
+    previous = {}
+
+    def handler(signum, frame):
+        trainer.stop_requested = True
+        log.warning("received signal %d: will save and exit after this step", signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. an embedding application): leave signals alone
+            pass
+    return previous
+
+
 def train(cfg: RunConfig, resume: str | None = None) -> dict:
     """Run training; returns a summary (final step, losses, codebooks) for scripts and tests."""
-    trainer = Trainer(cfg)
-    rank, is_rank0 = trainer.rank, trainer.rank == 0
     run_dir = Path(cfg.train.run_dir)
-    ckpt_root = run_dir / "checkpoints"
+    trainer = Trainer(cfg, resume=resume)
+    rank, is_rank0 = trainer.rank, trainer.rank == 0
     if is_rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
@@ -218,8 +354,6 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
     valid_sampler = None
     if cfg.train.eval_every and trainer.pp == 1:
         valid_sampler = WindowSampler(load_stream(cfg.data, "valid").tokens, cfg.data.seq_len, seed=0)
-    if resume:
-        trainer.resume(resume, ckpt_root)
 
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     tokens_per_step = micro * accum * trainer.dp * cfg.data.seq_len
@@ -233,35 +367,50 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
                  describe_topology(cfg, trainer.world), "bf16" if use_bf16(cfg.train, trainer.on_gpu) else "fp32")
         log.info("deepspeed config: %s", json.dumps(trainer.ds_config))
 
-    losses = []
+    previous_handlers = _install_preemption_handlers(trainer)
+    losses, preempted, saved_step = [], False, None
     trainer.engine.train()
     last_time = time.perf_counter()
-    while trainer.step < cfg.train.max_steps:
-        scalars = trainer.train_step(sampler)
-        step = trainer.step
-        losses.append(scalars["train/loss"])
-        now = time.perf_counter()
-        dt, last_time = now - last_time, now
-        scalars["train/step_time_s"] = dt
-        scalars["train/tokens_per_s"] = tokens_per_step / dt
-        scalars["train/tokens_per_s_per_gpu"] = tokens_per_step / dt / trainer.world
-        if peak:
-            scalars["train/mfu"] = fpt * tokens_per_step / dt / trainer.world / peak
-        if valid_sampler is not None and step % cfg.train.eval_every == 0:
-            scalars["valid/loss"] = evaluate_loss(trainer.engine.module, valid_sampler, cfg.train.eval_batches, micro, trainer.device)
-            scalars["valid/bpb"] = scalars["valid/loss"] / math.log(2)
-        metrics.step(step, scalars, log_scalars=(step % cfg.train.log_every == 0 or step == cfg.train.max_steps))
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
-            checkpoint.save(trainer.engine, cfg, ckpt_root, step, trainer.consumed, trainer.world, is_rank0, cfg.train.keep_last)
-
-    if cfg.train.max_steps > 0:
-        path = checkpoint.save(trainer.engine, cfg, ckpt_root, trainer.step, trainer.consumed, trainer.world,
-                               is_rank0, cfg.train.keep_last)
-        if is_rank0:
-            log.info("checkpoint: %s", path)
-    metrics.close()
+    try:
+        while trainer.step < cfg.train.max_steps:
+            scalars = trainer.train_step(sampler)
+            step = trainer.step
+            now = time.perf_counter()
+            dt, last_time = now - last_time, now
+            if "train/loss" in scalars:
+                losses.append(scalars["train/loss"])
+                scalars["train/step_time_s"] = dt
+                scalars["train/tokens_per_s"] = tokens_per_step / dt
+                scalars["train/tokens_per_s_per_gpu"] = tokens_per_step / dt / trainer.world
+                if peak:
+                    scalars["train/mfu"] = fpt * tokens_per_step / dt / trainer.world / peak
+                if valid_sampler is not None and step % cfg.train.eval_every == 0:
+                    scalars["valid/loss"] = evaluate_loss(trainer.engine.module, valid_sampler, cfg.train.eval_batches,
+                                                          micro, trainer.device)
+                    scalars["valid/bpb"] = scalars["valid/loss"] / math.log(2)
+            metrics.step(step, scalars, log_scalars=(step % cfg.train.log_every == 0 or step == cfg.train.max_steps))
+            if trainer.stop_requested:
+                preempted = True
+                break
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
+                trainer.save()
+                saved_step = step
+        if cfg.train.max_steps > 0 and saved_step != trainer.step:
+            path = trainer.save()
+            if is_rank0:
+                log.info("%scheckpoint: %s", "preempted; " if preempted else "", path)
+    except OSError as exc:
+        last = trainer.last_saved
+        raise CheckpointSaveFailed(
+            f"saving a checkpoint failed ({exc}); nothing was published as 'latest'"
+            + (f"; the last good checkpoint is {last[0] / last[1]}" if last else "")) from exc
+    finally:
+        for sig, h in previous_handlers.items():
+            signal.signal(sig, h)
+        metrics.close()
     return {"step": trainer.step, "consumed_samples": trainer.consumed, "losses": losses, "run_dir": str(run_dir),
-            "rank": rank, "codebooks": {i: vq.c_sum.detach().cpu().clone() for i, vq in trainer.quantizers}}
+            "rank": rank, "preempted": preempted, "nonfinite_events": trainer.nonfinite_events,
+            "codebooks": {i: vq.c_sum.detach().cpu().clone() for i, vq in trainer.quantizers}}
 
 
 def main(argv=None) -> int:
@@ -281,9 +430,12 @@ def main(argv=None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLoss as exc:
-        print(f"training halted: {exc}; lower optim.lr or check the data; the last good checkpoint is under "
-              f"{Path(cfg.train.run_dir) / 'checkpoints'}", file=sys.stderr)
+        print(f"training halted: {exc}; lower optim.lr or check the data, or set train.on_nonfinite=skip|rollback; "
+              f"the last good checkpoint is under {Path(cfg.train.run_dir) / 'checkpoints'}", file=sys.stderr)
         return 3
+    except (checkpoint.CheckpointError, CheckpointSaveFailed) as exc:
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        return 4
     return 0
 
 
