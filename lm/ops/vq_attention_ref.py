@@ -144,12 +144,12 @@ def _code_stats(codes: Tensor, values: Tensor, valid: Tensor, S: int) -> tuple[T
     return counts, sums
 
 
-def local_bias(bias: Optional[Tensor], C: int, dtype) -> tuple[Tensor, Tensor]:
+def local_bias(bias: Optional[Tensor], C: int, dtype, device=None) -> tuple[Tensor, Tensor]:
     """Bias matrices (H, C, C) for the own chunk (distance i - j) and the previous chunk (i + C - j)."""
     i = torch.arange(C)[:, None]
     j = torch.arange(C)[None, :]
     if bias is None:
-        z = torch.zeros(1, C, C, dtype=dtype)
+        z = torch.zeros(1, C, C, dtype=dtype, device=device)
         return z, z
     dev = bias.device
     d_pres = (i - j).clamp(min=0).to(dev)
@@ -207,7 +207,7 @@ def chunked_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, cod
     excl_sum = state.cache_sum[:, :, None].to(acc) + F.pad(step_sum.cumsum(2), (0, 0, 0, 0, 1, 0))[:, :, : R + 1]
     cache_cnt, cache_sum = excl_cnt[:, :, :R], excl_sum[:, :, :R]  # (B, H, R, S), (B, H, R, S, Dv)
 
-    b_pres, b_prev = local_bias(bias, C, acc)
+    b_pres, b_prev = local_bias(bias, C, acc, dev)
     causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
     neg_inf = float("-inf")
     s_pres = (qb @ kb.transpose(-1, -2)).to(acc) * scale + b_pres[None, :, None]

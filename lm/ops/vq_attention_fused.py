@@ -1,0 +1,608 @@
+"""Fused GPU path of causal chunked VQ attention (Triton): forward and backward.
+
+Same signature, rule and return value as `lm.ops.vq_attention_ref.chunked_vq_attention` (spec:
+research/longvq_algorithm.md §B). Layout [B, T, H, D]; chunks of C tokens aligned to absolute position 0.
+
+Design (FlashAttention-2 style, one online softmax per query over three parts):
+  * cache statistics (torch, fp32): per-chunk code counts and value sums by `index_add_`, exclusive
+    prefix over chunks with lag 2 (plus the state's cache), giving log2 N[b,h,r,s] and the per-code
+    means Ubar[b,h,r,s,:] (stored in the input dtype for the tensor-core product);
+  * forward kernel, one program per (query block of BM rows inside chunk r, b*h): loops over codebook
+    blocks (score q.c*scale + log N, value Ubar), over the previous chunk's keys (bias b[i+C-j] where
+    i + C - j <= C) and over the own chunk's keys causally (bias b[i-j]); keeps acc, running max and
+    sum; stores out and the base-2 log-sum-exp. Scores never exceed one (BM x BN) tile;
+  * backward: delta = rowsum(dO * O) (torch); kernel dq (per query block: recompute p, dS; dq, and the
+    bias gradient as diagonal sums of each dS tile, folded with tl.gather and added atomically);
+    kernel dk/dv (per key block: queries of the own chunk at or after the key and all queries of the
+    next chunk); kernel dcache (per chunk and code block: dUbar = p_cache^T dO). dUbar reaches v in
+    torch: dSum[r'] = sum_{r >= r'+2} dUbar[r] / max(N[r], 1) (reverse cumsum), gathered at each
+    token's (chunk, code).
+With a state (pos % C == 0) the state's previous chunk is prepended to the keys/values (key offset
+KOFF = C) and the state's cache seeds the prefix sums; the new state is built exactly as the reference.
+
+Importing needs Triton (ImportError otherwise, the dispatcher falls back); it needs no GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from lm.ops.vq_attention_ref import VQAttentionState, _check_inputs
+
+LOG2E = 1.4426950408889634
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+_SUPPORTED_DIMS = (16, 32, 64, 128)
+BLK = 64  # key / code block and the dq kernel's square tile; chunk_size must be a multiple of it
+
+# Tunables (the benchmark may change them). bias_grad: 1 = diagonal sums of each dS tile by tl.gather,
+# then 2 x BLK atomics per tile; 0 = one atomic per tile element; 2 = skip (timing breakdown only: WRONG dbias).
+CONFIG = {"fwd_warps": 4, "bwd_warps": 4, "stages": 3, "bias_grad": 1}
+
+
+def _bias_tiles(bias: Tensor, C: int) -> tuple[Tensor, Tensor]:
+    """Bias tiles in the base-2 score domain: BT[h, t, a, c] = bias[h, t*BLK + a - c] * log2(e) where
+    0 <= t*BLK + a - c <= C, else 0; t = (query block start - key block start (+C for the previous
+    chunk)) / BLK. Returns (BT, BT transposed in its last two dims), each (H, 2C/BLK, BLK, BLK) fp32."""
+    dev = bias.device
+    nt = 2 * C // BLK
+    d = (torch.arange(nt, device=dev)[:, None, None] * BLK + torch.arange(BLK, device=dev)[None, :, None]
+         - torch.arange(BLK, device=dev)[None, None, :])
+    ok = (d >= 0) & (d <= C)
+    bt = torch.where(ok, bias.float()[:, d.clamp(0, C)] * LOG2E, 0.0).contiguous()
+    return bt, bt.transpose(-1, -2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i, acc, vals, PREC: tl.constexpr):
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vals.dtype), vals, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, O, LSE,
+                s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+                T, KOFF, H, R, qk_scale,
+                HAS_BIAS: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+                DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    NMB: tl.constexpr = C // BM
+    r = pid_m // NMB
+    mb = pid_m % NMB
+    i_loc = mb * BM + tl.arange(0, BM)
+    q_pos = r * C + i_loc
+    q_ok = q_pos < T
+    dk = tl.arange(0, DK)
+    dv = tl.arange(0, DV)
+    offs_n = tl.arange(0, BN)
+    NT: tl.constexpr = 2 * C // BM  # bias tiles per head (needs BM == BN)
+    bt_off = tl.arange(0, BM)[:, None] * BN + offs_n[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + q_pos[:, None] * s_qt + dk[None, :], mask=q_ok[:, None], other=0.0)
+    m_i = tl.full([BM], -1e30, tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, DV], tl.float32)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+
+    # 1) per-code cache of chunks <= r - 2: score q.c*scale + log N, value Ubar
+    cb_base = CB + h * S * DK
+    ln_base = LOGN + (bh * R + r) * S
+    u_base = UBAR + (bh * R + r) * S * DV
+    for s0 in range(0, S, BN):
+        c = tl.load(cb_base + (s0 + offs_n)[:, None] * DK + dk[None, :])
+        s = tl.dot(q, tl.trans(c), input_precision=PREC) * qk_scale
+        s = s + tl.load(ln_base + s0 + offs_n)[None, :]
+        u = tl.load(u_base + (s0 + offs_n)[:, None] * DV + dv[None, :])
+        m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, u, PREC)
+
+    # 2) previous chunk, exact; bias b[i + C - j] inside the window (distance <= C)
+    n_prev = tl.minimum(r * C + KOFF, C)
+    kp = KOFF + (r - 1) * C
+    for j0 in range(0, n_prev, BN):
+        j = j0 + offs_n
+        k = tl.load(k_base + (kp + j)[:, None] * s_kt + dk[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if HAS_BIAS:
+            base = mb * BM + C - j0
+            if base - (BM - 1) <= C:  # some pair of the tile inside the window
+                s += tl.load(BIAS + (h * NT + base // BM) * (BM * BN) + bt_off)
+        vv = tl.load(v_base + (kp + j)[:, None] * s_vt + dv[None, :])
+        m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, vv, PREC)
+
+    # 3) own chunk, causal; bias b[i - j]
+    ko = KOFF + r * C
+    hi = tl.minimum((mb + 1) * BM, T - r * C)
+    for j0 in range(0, hi, BN):
+        j = j0 + offs_n
+        k_ok = (r * C + j) < T
+        k = tl.load(k_base + (ko + j)[:, None] * s_kt + dk[None, :], mask=k_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        d = i_loc[:, None] - j[None, :]
+        keep = (d >= 0) & k_ok[None, :]
+        if HAS_BIAS:
+            s += tl.load(BIAS + (h * NT + (mb * BM - j0) // BM) * (BM * BN) + bt_off)
+        s = tl.where(keep, s, float("-inf"))
+        vv = tl.load(v_base + (ko + j)[:, None] * s_vt + dv[None, :], mask=k_ok[:, None], other=0.0)
+        m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, vv, PREC)
+
+    out = acc / l_i[:, None]
+    tl.store(O + b * s_ob + h * s_oh + q_pos[:, None] * s_ot + dv[None, :], out.to(O.dtype.element_ty),
+             mask=q_ok[:, None])
+    tl.store(LSE + bh * (R * C) + q_pos, m_i + tl.log2(l_i))
+
+
+@triton.jit
+def _accum_bias(ptr, ds, base, C: tl.constexpr, BL: tl.constexpr, GATHER: tl.constexpr):
+    """dbias[base + (i - j)] += ds[i, j] for a (BL x BL) tile (entries outside the window are zero)."""
+    ii = tl.arange(0, BL)[:, None]
+    tt = tl.arange(0, BL)[None, :]
+    if GATHER == 1:
+        x = tl.gather(ds, (ii - tt + BL) % BL, axis=1)  # x[i, t] = ds[i, (i - t) mod BL]
+        t = tl.arange(0, BL)
+        lower = tl.sum(tl.where(ii >= tt, x, 0.0), axis=0)  # i - j = t
+        upper = tl.sum(tl.where(ii < tt, x, 0.0), axis=0)  # i - j = t - BL
+        d_lo = base + t
+        d_up = base + t - BL
+        tl.atomic_add(ptr + d_lo, lower, mask=(d_lo >= 0) & (d_lo <= C), sem="relaxed")
+        tl.atomic_add(ptr + d_up, upper, mask=(d_up >= 0) & (d_up <= C), sem="relaxed")
+    elif GATHER == 0:
+        d = base + ii - tt
+        tl.atomic_add(ptr + d, ds, mask=(d >= 0) & (d <= C), sem="relaxed")
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
+                   s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
+                   T, KOFF, H, R, qk_scale, sm_scale,
+                   HAS_BIAS: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+                   DK: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
+                   GATHER: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    NMB: tl.constexpr = C // BL
+    r = pid_m // NMB
+    mb = pid_m % NMB
+    i0 = mb * BL
+    i_loc = i0 + tl.arange(0, BL)
+    q_pos = r * C + i_loc
+    q_ok = q_pos < T
+    dk = tl.arange(0, DK)
+    dv = tl.arange(0, DV)
+    offs_n = tl.arange(0, BL)
+    q = tl.load(Q + b * s_qb + h * s_qh + q_pos[:, None] * s_qt + dk[None, :], mask=q_ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + q_pos[:, None] * s_dt + dv[None, :], mask=q_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh * (R * C) + q_pos)
+    delta = tl.load(DELTA + bh * (R * C) + q_pos)
+    dq = tl.zeros([BL, DK], tl.float32)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    db_ptr = DBIAS + h * (C + 1)
+    NT: tl.constexpr = 2 * C // BL
+    bt_off = tl.arange(0, BL)[:, None] * BL + offs_n[None, :]
+
+    cb_base = CB + h * S * DK
+    ln_base = LOGN + (bh * R + r) * S
+    u_base = UBAR + (bh * R + r) * S * DV
+    for s0 in range(0, S, BL):
+        c = tl.load(cb_base + (s0 + offs_n)[:, None] * DK + dk[None, :])
+        s = tl.dot(q, tl.trans(c), input_precision=PREC) * qk_scale + tl.load(ln_base + s0 + offs_n)[None, :]
+        p = tl.exp2(s - lse[:, None])
+        u = tl.load(u_base + (s0 + offs_n)[:, None] * DV + dv[None, :])
+        dp = tl.dot(do, tl.trans(u), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(c.dtype), c, input_precision=PREC)
+
+    n_prev = tl.minimum(r * C + KOFF, C)
+    kp = KOFF + (r - 1) * C
+    for j0 in range(0, n_prev, BL):
+        j = j0 + offs_n
+        k = tl.load(k_base + (kp + j)[:, None] * s_kt + dk[None, :])
+        vv = tl.load(v_base + (kp + j)[:, None] * s_vt + dv[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        d = i_loc[:, None] + C - j[None, :]
+        win = d <= C
+        if HAS_BIAS:
+            if j0 + BL > i0:
+                s += tl.load(BIAS + (h * NT + (i0 + C - j0) // BL) * (BL * BL) + bt_off)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        if HAS_BIAS:
+            if j0 + BL > i0:
+                _accum_bias(db_ptr, tl.where(win, ds, 0.0), i0 + C - j0, C, BL, GATHER)
+
+    ko = KOFF + r * C
+    hi = tl.minimum(i0 + BL, T - r * C)
+    for j0 in range(0, hi, BL):
+        j = j0 + offs_n
+        k_ok = (r * C + j) < T
+        k = tl.load(k_base + (ko + j)[:, None] * s_kt + dk[None, :], mask=k_ok[:, None], other=0.0)
+        vv = tl.load(v_base + (ko + j)[:, None] * s_vt + dv[None, :], mask=k_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        d = i_loc[:, None] - j[None, :]
+        keep = (d >= 0) & k_ok[None, :] & q_ok[:, None]
+        if HAS_BIAS:
+            s += tl.load(BIAS + (h * NT + (i0 - j0) // BL) * (BL * BL) + bt_off)
+        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        if HAS_BIAS:
+            _accum_bias(db_ptr, ds, i0 - j0, C, BL, GATHER)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * s_qb + h * s_qh + q_pos[:, None] * s_qt + dk[None, :], dq.to(DQ.dtype.element_ty),
+             mask=q_ok[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DKo, DVo,
+                     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
+                     s_gkb, s_gkt, s_gkh, s_gvb, s_gvt, s_gvh,
+                     T, KOFF, H, R, qk_scale, sm_scale,
+                     HAS_BIAS: tl.constexpr, C: tl.constexpr,
+                     DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+                     PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    NNB: tl.constexpr = C // BN
+    r = pid_n // NNB
+    nb = pid_n % NNB
+    j_loc = nb * BN + tl.arange(0, BN)
+    k_real = r * C + j_loc
+    k_ok = k_real < T
+    dk_ = tl.arange(0, DK)
+    dv_ = tl.arange(0, DV)
+    offs_m = tl.arange(0, BM)
+    k = tl.load(K + b * s_kb + h * s_kh + (KOFF + k_real)[:, None] * s_kt + dk_[None, :], mask=k_ok[:, None], other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + (KOFF + k_real)[:, None] * s_vt + dv_[None, :], mask=k_ok[:, None], other=0.0)
+    gk = tl.zeros([BN, DK], tl.float32)
+    gv = tl.zeros([BN, DV], tl.float32)
+    q_base = Q + b * s_qb + h * s_qh
+    do_base = DO + b * s_db + h * s_dh
+    NT: tl.constexpr = 2 * C // BN  # bias tiles per head (transposed table; needs BM == BN)
+    bt_off = tl.arange(0, BN)[:, None] * BM + offs_m[None, :]
+
+    # own chunk: queries i >= j
+    lo = (nb * BN // BM) * BM
+    hi = tl.minimum(C, T - r * C)
+    for i0 in range(lo, hi, BM):
+        i_loc = i0 + offs_m
+        q_pos = r * C + i_loc
+        q_ok = q_pos < T
+        q = tl.load(q_base + q_pos[:, None] * s_qt + dk_[None, :], mask=q_ok[:, None], other=0.0)
+        do = tl.load(do_base + q_pos[:, None] * s_dt + dv_[None, :], mask=q_ok[:, None], other=0.0)
+        lse = tl.load(LSE + bh * (R * C) + q_pos)
+        delta = tl.load(DELTA + bh * (R * C) + q_pos)
+        sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (BN, BM)
+        d = i_loc[None, :] - j_loc[:, None]
+        keep = (d >= 0) & q_ok[None, :] & k_ok[:, None]
+        if HAS_BIAS:
+            sT += tl.load(BIAS + (h * NT + (i0 - nb * BN) // BN) * (BN * BM) + bt_off)
+        pT = tl.where(keep, tl.exp2(sT - lse[None, :]), 0.0)
+        gv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsT = pT * (dpT - delta[None, :])
+        gk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+
+    # next chunk: every query, bias b[i + C - j] inside the window
+    n_next = tl.minimum(tl.maximum(T - (r + 1) * C, 0), C)
+    for i0 in range(0, n_next, BM):
+        i_loc = i0 + offs_m
+        q_pos = (r + 1) * C + i_loc
+        q_ok = q_pos < T
+        q = tl.load(q_base + q_pos[:, None] * s_qt + dk_[None, :], mask=q_ok[:, None], other=0.0)
+        do = tl.load(do_base + q_pos[:, None] * s_dt + dv_[None, :], mask=q_ok[:, None], other=0.0)
+        lse = tl.load(LSE + bh * (R * C) + q_pos, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + bh * (R * C) + q_pos, mask=q_ok, other=0.0)
+        sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+        d = i_loc[None, :] + C - j_loc[:, None]
+        if HAS_BIAS:
+            base = i0 + C - nb * BN
+            if base - (BN - 1) <= C:
+                sT += tl.load(BIAS + (h * NT + base // BN) * (BN * BM) + bt_off)
+        pT = tl.where(q_ok[None, :], tl.exp2(sT - lse[None, :]), 0.0)
+        gv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsT = pT * (dpT - delta[None, :])
+        gk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+
+    gk = gk * sm_scale
+    tl.store(DKo + b * s_gkb + h * s_gkh + k_real[:, None] * s_gkt + dk_[None, :], gk, mask=k_ok[:, None])
+    tl.store(DVo + b * s_gvb + h * s_gvh + k_real[:, None] * s_gvt + dv_[None, :], gv, mask=k_ok[:, None])
+
+
+@triton.jit
+def _bwd_dcache_kernel(Q, CB, LOGN, DO, LSE, DU,
+                       s_qb, s_qt, s_qh, s_db, s_dt, s_dh,
+                       T, H, R, qk_scale,
+                       C: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                       BS: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    NSB: tl.constexpr = S // BS
+    r = pid // NSB
+    sb = pid % NSB
+    s_idx = sb * BS + tl.arange(0, BS)
+    dk_ = tl.arange(0, DK)
+    dv_ = tl.arange(0, DV)
+    offs_m = tl.arange(0, BM)
+    c = tl.load(CB + h * S * DK + s_idx[:, None] * DK + dk_[None, :])
+    ln = tl.load(LOGN + (bh * R + r) * S + s_idx)
+    gu = tl.zeros([BS, DV], tl.float32)
+    q_base = Q + b * s_qb + h * s_qh
+    do_base = DO + b * s_db + h * s_dh
+    hi = tl.minimum(C, T - r * C)
+    if tl.max(ln, 0) > float("-inf"):  # chunks 0 and 1 (and empty code blocks) have no cache
+        for i0 in range(0, hi, BM):
+            q_pos = r * C + i0 + offs_m
+            q_ok = q_pos < T
+            q = tl.load(q_base + q_pos[:, None] * s_qt + dk_[None, :], mask=q_ok[:, None], other=0.0)
+            do = tl.load(do_base + q_pos[:, None] * s_dt + dv_[None, :], mask=q_ok[:, None], other=0.0)
+            lse = tl.load(LSE + bh * (R * C) + q_pos)
+            sT = tl.dot(c, tl.trans(q), input_precision=PREC) * qk_scale + ln[:, None]
+            pT = tl.where(q_ok[None, :], tl.exp2(sT - lse[None, :]), 0.0)
+            gu += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+    tl.store(DU + ((bh * R + r) * S + s_idx)[:, None] * DV + dv_[None, :], gu)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+
+def supports(q: Tensor, v: Tensor, chunk_size: int, state=None) -> bool:
+    """True when the fused kernel handles these inputs (else the dispatcher uses `chunked`)."""
+    if not (q.is_cuda and v.is_cuda and torch.cuda.is_available()):
+        return False
+    if q.dtype not in _SUPPORTED_DTYPES or v.dtype != q.dtype or q.dim() != 4 or v.dim() != 4:
+        return False
+    if q.shape[-1] not in _SUPPORTED_DIMS or v.shape[-1] not in _SUPPORTED_DIMS:
+        return False
+    if chunk_size < BLK or chunk_size % BLK != 0 or chunk_size > 4096:
+        return False
+    if state is not None and state.pos % chunk_size != 0:
+        return False
+    return True
+
+
+def _cache_tables(codes: Tensor, v: Tensor, state: Optional[VQAttentionState], C: int, S: int, R: int):
+    """Exclusive lag-2 prefix of per-chunk code counts and value sums: (B, H, R+1, S), (B, H, R+1, S, Dv) fp32.
+
+    Entry r is the cache seen by chunk r (state cache + state's previous chunk + chunks 0..r-2 of
+    this call); entry R is the cache after the call when T is a multiple of C.
+    """
+    B, T, H = codes.shape
+    Dv = v.shape[-1]
+    dev = codes.device
+    r_idx = torch.arange(T, device=dev) // C
+    bh = (torch.arange(B, device=dev)[:, None] * H + torch.arange(H, device=dev)[None, :])[:, None, :]
+    idx = ((bh * R + r_idx[None, :, None]) * S + codes).reshape(-1)
+    cnt = torch.zeros(B * H * R * S, dtype=torch.float32, device=dev)
+    cnt.index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.float32, device=dev))
+    sm = torch.zeros(B * H * R * S, Dv, dtype=torch.float32, device=dev)
+    sm.index_add_(0, idx, v.reshape(-1, Dv).float())
+    cnt = cnt.view(B, H, R, S)
+    sm = sm.view(B, H, R, S, Dv)
+    if state is not None and state.prev_k is not None:
+        c0 = F.one_hot(state.prev_codes, S).float().sum(-2)
+        s0 = F.one_hot(state.prev_codes, S).float().transpose(-1, -2) @ state.prev_v.float()
+    else:
+        c0, s0 = cnt.new_zeros(B, H, S), sm.new_zeros(B, H, S, Dv)
+    step_cnt = torch.cat([c0[:, :, None], cnt], dim=2)  # index m <-> chunk m - 1
+    step_sum = torch.cat([s0[:, :, None], sm], dim=2)
+    excl_cnt = F.pad(step_cnt.cumsum(2), (0, 0, 1, 0))[:, :, : R + 1]
+    excl_sum = F.pad(step_sum.cumsum(2), (0, 0, 0, 0, 1, 0))[:, :, : R + 1]
+    if state is not None:
+        excl_cnt = excl_cnt + state.cache_count[:, :, None].float()
+        excl_sum = excl_sum + state.cache_sum[:, :, None].float()
+    return excl_cnt, excl_sum
+
+
+def _grid_cfg(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class _FusedVQAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_hat, v, bias, prev_k, prev_v, codes, cb, logn, ubar, cnt, C, scale):
+        B, T, H, Dk = q.shape
+        Dv = v.shape[-1]
+        R = logn.shape[1]
+        Sp = cb.shape[1]
+        if prev_k is not None:
+            kx = torch.cat([prev_k.transpose(1, 2).to(q.dtype), k_hat], dim=1)
+            vx = torch.cat([prev_v.transpose(1, 2).to(v.dtype), v], dim=1)
+            koff = C
+        else:
+            kx, vx, koff = k_hat, v, 0
+        if bias is not None:
+            with torch.no_grad():
+                bt, btt = _bias_tiles(bias.detach(), C)
+        else:
+            bt = btt = q.new_zeros(1, dtype=torch.float32)
+        out = torch.empty(B, T, H, Dv, dtype=v.dtype, device=q.device)
+        lse = torch.empty(B * H, R * C, dtype=torch.float32, device=q.device)
+        prec = _grid_cfg(q.dtype)
+        bm = BLK
+        grid = (R * (C // bm), B * H)
+        _fwd_kernel[grid](
+            q, kx, vx, cb, logn, ubar, bt, out, lse,
+            q.stride(0), q.stride(1), q.stride(2), kx.stride(0), kx.stride(1), kx.stride(2),
+            vx.stride(0), vx.stride(1), vx.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            T, koff, H, R, scale * LOG2E,
+            HAS_BIAS=bias is not None, C=C, S=Sp, DK=Dk, DV=Dv, BM=bm, BN=BLK, PREC=prec,
+            num_warps=CONFIG["fwd_warps"], num_stages=CONFIG["stages"])
+        ctx.save_for_backward(q, kx, vx, codes, cb, logn, ubar, cnt, bt, btt, out, lse)
+        ctx.meta = (C, scale, koff, bias is not None, bias.dtype if bias is not None else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, kx, vx, codes, cb, logn, ubar, cnt, bt, btt, out, lse = ctx.saved_tensors
+        C, scale, koff, has_bias, bias_dtype = ctx.meta
+        B, T, H, Dk = q.shape
+        Dv = vx.shape[-1]
+        R, Sp = logn.shape[1], cb.shape[1]
+        dev = q.device
+        do = grad_out.contiguous()
+        delta = torch.zeros(B * H, R * C, dtype=torch.float32, device=dev)
+        delta.view(B, H, R * C)[:, :, :T] = (do.float() * out.float()).sum(-1).transpose(1, 2)
+        prec = _grid_cfg(q.dtype)
+        nw, ns = CONFIG["bwd_warps"], CONFIG["stages"]
+
+        dq = torch.empty_like(q)
+        dbias = torch.zeros(H, C + 1, dtype=torch.float32, device=dev) if has_bias else bt
+        def launch_dq(gather):
+            _bwd_dq_kernel[(R * (C // BLK), B * H)](
+                q, kx, vx, cb, logn, ubar, bt, do, lse, delta, dq, dbias,
+                q.stride(0), q.stride(1), q.stride(2), kx.stride(0), kx.stride(1), kx.stride(2),
+                vx.stride(0), vx.stride(1), vx.stride(2), do.stride(0), do.stride(1), do.stride(2),
+                T, koff, H, R, scale * LOG2E, scale,
+                HAS_BIAS=has_bias, C=C, S=Sp, DK=Dk, DV=Dv, BL=BLK, PREC=prec,
+                GATHER=gather, num_warps=nw, num_stages=ns)
+
+        if has_bias and CONFIG["bias_grad"] == 1:
+            try:
+                launch_dq(1)
+            except Exception as e:  # noqa: BLE001  (tl.gather missing or failing to compile: use tile atomics)
+                warnings.warn(f"vq_attention_fused: tl.gather path failed ({e!r:.200}); using tile atomics for dbias")
+                CONFIG["bias_grad"] = 0
+                dbias.zero_()
+                launch_dq(0)
+        else:
+            launch_dq(CONFIG["bias_grad"] if has_bias else 0)
+
+        gk = torch.empty(B, T, H, Dk, dtype=torch.float32, device=dev)
+        gv = torch.empty(B, T, H, Dv, dtype=torch.float32, device=dev)
+        _bwd_dkdv_kernel[(R * (C // BLK), B * H)](
+            q, kx, vx, btt, do, lse, delta, gk, gv,
+            q.stride(0), q.stride(1), q.stride(2), kx.stride(0), kx.stride(1), kx.stride(2),
+            vx.stride(0), vx.stride(1), vx.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            gk.stride(0), gk.stride(1), gk.stride(2), gv.stride(0), gv.stride(1), gv.stride(2),
+            T, koff, H, R, scale * LOG2E, scale,
+            HAS_BIAS=has_bias, C=C, DK=Dk, DV=Dv, BN=BLK, BM=BLK, PREC=prec,
+            num_warps=nw, num_stages=ns)
+
+        du = torch.empty(B * H, R, Sp, Dv, dtype=torch.float32, device=dev)
+        _bwd_dcache_kernel[(R * (Sp // BLK), B * H)](
+            q, cb, logn, do, lse, du,
+            q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            T, H, R, scale * LOG2E,
+            C=C, S=Sp, DK=Dk, DV=Dv, BS=BLK, BM=BLK, PREC=prec, num_warps=nw, num_stages=ns)
+
+        # Ubar[r] = Sum[r] / max(N[r], 1), Sum[r] = sum_{r' <= r-2} sums[r']  =>  dsums[r'] = sum_{r >= r'+2} dUbar[r] / max(N[r], 1)
+        g = du.div_(cnt.clamp(min=1)[..., None])
+        g = g.flip(1).cumsum(1).flip(1)
+        dsums = F.pad(g[:, 2:], (0, 0, 0, 0, 0, 2))  # (BH, R, Sp, Dv)
+        r_idx = torch.arange(T, device=dev) // C
+        bh = (torch.arange(B, device=dev)[:, None] * H + torch.arange(H, device=dev)[None, :])[:, None, :]
+        idx = ((bh * R + r_idx[None, :, None]) * Sp + codes).reshape(-1)
+        gv += dsums.view(-1, Dv).index_select(0, idx).view(B, T, H, Dv)
+
+        dbias_out = dbias.to(bias_dtype) if has_bias else None
+        return (dq, gk.to(q.dtype), gv.to(vx.dtype), dbias_out) + (None,) * 9
+
+
+def fused_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codebook: Tensor, *,
+                       chunk_size: int, bias: Optional[Tensor] = None, scale: Optional[float] = None,
+                       state: Optional[VQAttentionState] = None, return_state: bool = False):
+    """Drop-in for `chunked_vq_attention` on CUDA (see `supports`). Returns (out, new_state or None)."""
+    _check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias)
+    B, T, H, Dk = q.shape
+    Dv, S, C = v.shape[-1], codebook.shape[1], chunk_size
+    if state is not None and state.pos % C != 0:
+        raise ValueError("fused_vq_attention needs state.pos % chunk_size == 0; use the chunked implementation")
+    assert C % BLK == 0, f"chunk_size must be a multiple of {BLK}"
+    scale = Dk ** -0.5 if scale is None else float(scale)
+    dt = q.dtype
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k_hat = k_hat.to(dt)
+    k_hat = k_hat if k_hat.stride(-1) == 1 else k_hat.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    codes = codes.long().contiguous()
+    R = max(1, math.ceil(T / C))
+    Sp = math.ceil(S / BLK) * BLK
+
+    with torch.no_grad():
+        excl_cnt, excl_sum = _cache_tables(codes, v.detach(), state, C, S, R)
+        cnt = excl_cnt[:, :, :R]
+        logn = torch.where(cnt > 0, cnt.clamp(min=1).log2(), torch.full_like(cnt, float("-inf")))
+        ubar = (excl_sum[:, :, :R] / cnt.clamp(min=1)[..., None]).to(v.dtype)
+        cb = codebook.detach().to(dt)
+        if Sp != S:  # pad the codebook with empty codes (log N = -inf)
+            logn = F.pad(logn, (0, Sp - S), value=float("-inf"))
+            ubar = F.pad(ubar, (0, 0, 0, Sp - S))
+            cnt = F.pad(cnt, (0, Sp - S))
+            cb = F.pad(cb, (0, 0, 0, Sp - S))
+        logn = logn.reshape(B * H, R, Sp).contiguous()
+        ubar = ubar.reshape(B * H, R, Sp, Dv).contiguous()
+        cnt = cnt.reshape(B * H, R, Sp).contiguous()
+        cb = cb.contiguous()
+
+    has_prev = state is not None and state.prev_k is not None
+    out = _FusedVQAttention.apply(
+        q, k_hat, v, bias, state.prev_k if has_prev else None, state.prev_v if has_prev else None,
+        codes, cb, logn, ubar, cnt, C, scale)
+
+    new_state = None
+    if return_state:
+        new_state = _new_state(k_hat, v, codes, state, excl_cnt, excl_sum, C, R)
+    return out, new_state
+
+
+def _new_state(k_hat, v, codes, state, excl_cnt, excl_sum, C, R):
+    """The state after this call, built as `chunked_vq_attention` does (input state had pos % C == 0)."""
+    B, T, H, Dk = k_hat.shape
+    Dv = v.shape[-1]
+    pos0 = 0 if state is None else state.pos
+    kh, vh, zh = (x.detach().transpose(1, 2) for x in (k_hat, v, codes))  # (B, H, T, .)
+    n2 = T % C
+    if n2 == 0:
+        st = VQAttentionState(
+            pos=pos0 + T, cur_k=kh.new_zeros(B, H, 0, Dk), cur_v=vh.new_zeros(B, H, 0, Dv),
+            cur_codes=zh.new_zeros(B, H, 0), prev_k=kh[:, :, T - C:], prev_v=vh[:, :, T - C:],
+            prev_codes=zh[:, :, T - C:], cache_count=excl_cnt[:, :, R], cache_sum=excl_sum[:, :, R])
+    else:
+        s0 = (R - 1) * C
+        if R >= 2:
+            pk, pv, pz = kh[:, :, s0 - C:s0], vh[:, :, s0 - C:s0], zh[:, :, s0 - C:s0]
+        else:
+            pk, pv, pz = ((state.prev_k, state.prev_v, state.prev_codes) if state is not None
+                          else (None, None, None))
+        st = VQAttentionState(
+            pos=pos0 + T, cur_k=kh[:, :, s0:], cur_v=vh[:, :, s0:], cur_codes=zh[:, :, s0:],
+            prev_k=pk, prev_v=pv, prev_codes=pz,
+            cache_count=excl_cnt[:, :, R - 1], cache_sum=excl_sum[:, :, R - 1])
+    return st.detach()
+
+
+__all__ = ["supports", "fused_vq_attention", "CONFIG"]
