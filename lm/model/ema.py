@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 class MultiDimEMA(nn.Module):
@@ -57,12 +58,22 @@ class MultiDimEMA(nn.Module):
         return torch.exp(exps[None, None] * q.log()[..., None])
 
     def kernel(self, length: int) -> Tensor:
-        """K (D, L)."""
+        """K (D, L). Under autograd the (D, N, L) Vandermonde is recomputed in backward, not stored:
+        stored, it would cost D * N * L floats per layer (3 GiB at L = 64K, D = 768, N = 16)."""
+        if torch.is_grad_enabled():
+            return checkpoint(self._kernel, length, use_reentrant=False)
+        return self._kernel(length)
+
+    def _kernel(self, length: int) -> Tensor:
         pb, q = self.coefficients()
         return torch.einsum("dn,dnl->dl", pb * self.gamma.to(q.dtype) * self.scale, self._powers(q, 0, length))
 
     def forward(self, x: Tensor, state: Optional[Tensor] = None, return_state: bool = False):
         """x (B, T, D) -> (y (B, T, D), h_T (B, D, N) or None). state: h_0 (B, D, N) in acc_dtype."""
+        with torch.autocast(x.device.type, enabled=False):  # FFT and kernel in float32 even under bf16 autocast
+            return self._forward(x, state, return_state)
+
+    def _forward(self, x: Tensor, state: Optional[Tensor], return_state: bool):
         B, T, D = x.shape
         f = self.acc_dtype
         xf = x.to(f).transpose(1, 2)  # (B, D, T)

@@ -66,8 +66,9 @@ class LongVQMixer(nn.Module):
         u, zr, hx = self.mx_proj(m).split([D, dz + E, D], dim=-1)
         u = torch.sigmoid(u)
         z, r = F.silu(zr).split([dz, E], dim=-1)
-        q = (z * self.qk_scale[0] + self.qk_shift[0]).view(B, T, H, dz // H)
-        k = (z * self.qk_scale[1] + self.qk_shift[1]).view(B, T, H, dz // H)
+        dt = v.dtype  # the activation dtype (bf16 under autocast): fp32 affine params must not promote q/k
+        q = (z * self.qk_scale[0] + self.qk_shift[0]).to(dt).view(B, T, H, dz // H)
+        k = (z * self.qk_scale[1] + self.qk_shift[1]).to(dt).view(B, T, H, dz // H)
         if self.normalize_keys:
             k = rms_normalize(k)
         k_hat, codes, commit, metrics = self.quantizer(k)

@@ -42,7 +42,7 @@ class VectorQuantizer(nn.Module):
         """k (B, T, H, d) -> (k_hat with straight-through gradient, codes (B, T, H), commit loss, metrics)."""
         B, T, H, d = k.shape
         cb = self.codebook  # (H, S, d)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(k.device.type, enabled=False):  # distances in float32
             kf = k.detach().float()
             dist = kf.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("bthd,hsd->bths", kf, cb) + cb.pow(2).sum(-1)[None, None]
             codes = dist.argmin(dim=-1)  # (B, T, H)
@@ -51,8 +51,9 @@ class VectorQuantizer(nn.Module):
         k_hat = k + (quant.to(k.dtype) - k).detach()
         commit = (k.float() - quant).pow(2).sum(-1).mean()
         if self.training and torch.is_grad_enabled() and self.accumulate_stats:
-            self.accumulate(kf, codes, quant)
-        with torch.no_grad():
+            with torch.autocast(k.device.type, enabled=False):
+                self.accumulate(kf, codes, quant)
+        with torch.no_grad(), torch.autocast(k.device.type, enabled=False):
             counts = torch.zeros(H, self.codebook_size, device=k.device).scatter_add_(
                 1, codes.reshape(-1, H).t(), torch.ones(H, B * T, device=k.device))
             probs = counts / counts.sum(-1, keepdim=True)

@@ -6,6 +6,7 @@ q, k, v: (B, H, T, D) and (B, H, S, D) with S >= T (a KV cache holds S - T earli
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional
 
@@ -20,7 +21,9 @@ _failed: set = set()
 last_backend: Optional[str] = None
 
 
+@functools.lru_cache(maxsize=None)
 def flash_attn_available() -> bool:
+    """Cached: a failed import rescans sys.path every time, which costs milliseconds per call."""
     try:
         import flash_attn  # noqa: F401
     except ImportError:

@@ -395,6 +395,11 @@ def supports(q: Tensor, v: Tensor, chunk_size: int, state=None) -> bool:
 
 
 def _cache_tables(codes: Tensor, v: Tensor, state: Optional[VQAttentionState], C: int, S: int, R: int):
+    with torch.autocast(codes.device.type, enabled=False):  # counts and sums stay exact fp32
+        return _cache_tables_fp32(codes, v, state, C, S, R)
+
+
+def _cache_tables_fp32(codes: Tensor, v: Tensor, state: Optional[VQAttentionState], C: int, S: int, R: int):
     """Exclusive lag-2 prefix of per-chunk code counts and value sums: (B, H, R+1, S), (B, H, R+1, S, Dv) fp32.
 
     Entry r is the cache seen by chunk r (state cache + state's previous chunk + chunks 0..r-2 of

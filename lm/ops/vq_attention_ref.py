@@ -138,9 +138,10 @@ def dense_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codeb
 def _code_stats(codes: Tensor, values: Tensor, valid: Tensor, S: int) -> tuple[Tensor, Tensor]:
     """Per-chunk code histograms and value sums. codes (..., C), values (..., C, Dv), valid (..., C)."""
     acc = _acc_dtype(values)
-    onehot = F.one_hot(codes, S).to(acc) * valid[..., None].to(acc)  # (..., C, S)
-    counts = onehot.sum(dim=-2)  # (..., S)
-    sums = onehot.transpose(-1, -2) @ values.to(acc)  # (..., S, Dv)
+    with torch.autocast(values.device.type, enabled=False):  # exact counts even under bf16 autocast
+        onehot = F.one_hot(codes, S).to(acc) * valid[..., None].to(acc)  # (..., C, S)
+        counts = onehot.sum(dim=-2)  # (..., S)
+        sums = onehot.transpose(-1, -2) @ values.to(acc)  # (..., S, Dv)
     return counts, sums
 
 
@@ -159,6 +160,56 @@ def local_bias(bias: Optional[Tensor], C: int, dtype, device=None) -> tuple[Tens
     return b_pres.to(dtype), b_prev.to(dtype)
 
 
+def _within_chunk(q, k_hat, v, codes, codebook, state: VQAttentionState, C, bias, scale, return_state):
+    """New tokens that all fall inside the current, partly filled chunk (n > 0, n + T <= C)."""
+    B, T, H, Dk = q.shape
+    S, Dv = codebook.shape[1], v.shape[-1]
+    dev, dt, acc = q.device, q.dtype, _acc_dtype(q)
+    n = state.pos % C
+    qh = q.transpose(1, 2)  # (B, H, T, Dk)
+    k_cur = torch.cat([state.cur_k.to(dt), k_hat.transpose(1, 2)], dim=2)  # (B, H, n + T, Dk)
+    v_cur = torch.cat([state.cur_v.to(v.dtype), v.transpose(1, 2)], dim=2)
+    z_cur = torch.cat([state.cur_codes, codes.transpose(1, 2)], dim=2)
+    i = torch.arange(n, n + T, device=dev)[:, None]  # in-chunk offsets of the queries
+    j = torch.arange(n + T, device=dev)[None, :]
+    s_cur = (qh @ k_cur.transpose(-1, -2)).to(acc) * scale
+    if bias is not None:
+        s_cur = s_cur + bias[:, (i - j).clamp(min=0)].to(acc)[None]
+    s_cur = s_cur.masked_fill(j > i, float("-inf"))
+    parts, values = [s_cur], [v_cur]
+    if state.prev_k is not None:
+        jp = torch.arange(C, device=dev)[None, :]
+        s_prev = (qh @ state.prev_k.to(dt).transpose(-1, -2)).to(acc) * scale
+        if bias is not None:
+            d = i + C - jp
+            s_prev = s_prev + torch.where(d <= C, bias[:, d.clamp(max=C)], bias.new_zeros(())).to(acc)[None]
+        parts.append(s_prev)
+        values.append(state.prev_v.to(v.dtype))
+    cnt = state.cache_count.to(acc)
+    log_n = torch.where(cnt > 0, cnt.clamp(min=1).log(), torch.full_like(cnt, float("-inf")))
+    s_cache = (qh @ codebook.detach().to(dt).transpose(-1, -2)[None]).to(acc) * scale + log_n[:, :, None, :]
+    p = torch.softmax(torch.cat(parts + [s_cache], dim=-1), dim=-1)
+    sizes = [x.shape[-1] for x in parts] + [S]
+    ps = p.split(sizes, dim=-1)
+    out = sum(pi.to(vi.dtype) @ vi for pi, vi in zip(ps[:-1], values))
+    u_bar = state.cache_sum.to(acc) / cnt.clamp(min=1)[..., None]
+    out = (out + (ps[-1] @ u_bar).to(out.dtype)).transpose(1, 2)
+    new_state = None
+    if return_state:
+        if n + T < C:
+            new_state = replace(state, pos=state.pos + T, cur_k=k_cur, cur_v=v_cur, cur_codes=z_cur)
+        else:  # the chunk completed: it becomes "previous", the old previous chunk joins the cache
+            count, total = state.cache_count.to(acc), state.cache_sum.to(acc)
+            if state.prev_k is not None:
+                c0, s0 = _code_stats(state.prev_codes, state.prev_v, torch.ones(C, dtype=torch.bool, device=dev), S)
+                count, total = count + c0, total + s0
+            new_state = VQAttentionState(
+                pos=state.pos + T, cur_k=k_cur[:, :, :0], cur_v=v_cur[:, :, :0], cur_codes=z_cur[:, :, :0],
+                prev_k=k_cur, prev_v=v_cur, prev_codes=z_cur, cache_count=count, cache_sum=total)
+        new_state = new_state.detach()
+    return out, new_state
+
+
 def chunked_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codebook: Tensor, *,
                          chunk_size: int, bias: Optional[Tensor] = None, scale: Optional[float] = None,
                          state: Optional[VQAttentionState] = None, return_state: bool = False):
@@ -172,6 +223,8 @@ def chunked_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, cod
         state = empty_state(q, v, codebook)
     n = state.pos % C
     assert state.cur_k.shape[2] == n, "state.cur_k does not hold pos % chunk_size tokens"
+    if n > 0 and n + T <= C:  # decoding / small streaming pieces: only the new queries, O(T (C + S))
+        return _within_chunk(q, k_hat, v, codes, codebook, state, C, bias, scale, return_state)
 
     # Prepend the partial current chunk so every chunk starts at an absolute multiple of C.
     qh = torch.cat([q.new_zeros(B, H, n, Dk), q.transpose(1, 2)], dim=2)

@@ -27,3 +27,17 @@ def test_state_carry_equals_full_pass():
     # and the recurrence continued from the FFT state
     y3, _ = ema.step(x[:, 17:], state=h)
     assert_close(y3, y2, msg="step from carried state")
+
+
+def test_fft_gradients_equal_recurrence_gradients():
+    """The kernel is recomputed in backward (checkpointed); its gradients must still be exact."""
+    torch.manual_seed(2)
+    ema = MultiDimEMA(dim=4, ndim=3).double()
+    x = torch.randn(2, 21, 4, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(2, 21, 4, dtype=torch.float64)
+    grads = []
+    for fn in (lambda: ema(x)[0], lambda: ema.step(x)[0]):
+        params = [x] + list(ema.parameters())
+        grads.append(torch.autograd.grad((fn() * up).sum(), params))
+    for a, b in zip(*grads):
+        assert_close(a, b, msg="grad")
