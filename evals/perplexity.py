@@ -52,7 +52,8 @@ def parse_args(argv):
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed NLL in nats over the given positions (float64 accumulation)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").double()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").double()
 
 
 def _progress(total: int, enabled: bool, desc: str):
