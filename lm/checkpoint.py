@@ -36,6 +36,7 @@ import torch.distributed as tdist
 import yaml
 
 from lm.config import RunConfig, config_from_dict, dump_config, to_dict
+from lm.fileio import atomic_write_bytes, fsync_path
 
 log = logging.getLogger("lm.checkpoint")
 TAG_RE = re.compile(r"^global_step(\d+)$")
@@ -61,24 +62,6 @@ def list_tags(ckpt_root: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Small file helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -149,10 +132,10 @@ def save(engine, cfg: RunConfig, ckpt_root: Path, step: int, consumed_samples: i
         entries = mine
     if is_rank0:
         for p in files:
-            _fsync_path(p)
+            fsync_path(p)
         manifest = {"format": FORMAT, "tag": tag, "step": step, "topology": state["topology"],
                     "files": dict(sorted(entries.items()))}
-        _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+        atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
         final = ckpt_root / tag
         if final.exists():  # re-saving the same step: move the old copy away first
             old = ckpt_root / f".old-{tag}"
@@ -160,8 +143,8 @@ def save(engine, cfg: RunConfig, ckpt_root: Path, step: int, consumed_samples: i
             os.replace(final, old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, final)
-        _fsync_path(ckpt_root)
-        _write_atomic(ckpt_root / "latest", tag.encode())
+        fsync_path(ckpt_root)
+        atomic_write_bytes(ckpt_root / "latest", tag.encode())
         shutil.rmtree(staging, ignore_errors=True)
         prune(ckpt_root, keep_last)
     _barrier()

@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 
 from lm.data.tokenizer import (BYTE, default_workers, dtype_for_vocab, encode_chunks,  # noqa: E402
                                iter_line_chunks, load_tokenizer)
+from lm.fileio import atomic_write_bytes  # noqa: E402
 
 SPLITS = ("train", "valid", "test")
 
@@ -69,15 +70,6 @@ def parse_args(argv):
             pairs[split] = path
         args.text = pairs
     return args
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read(args, split: str):
@@ -165,11 +157,11 @@ def run(args) -> dict:
             print(f"{split}: not available ({exc}), skipped")
             continue
         meta["splits"][split] = info
-        _atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
+        atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
         ratio = info["bytes"] / max(1, info["tokens"])
         words = f", {info['words']:,} words" if info["words"] is not None else ""
         print(f"{split}: {info['tokens']:,} tokens from {info['bytes']:,} bytes ({ratio:.2f} bytes/token){words}")
-    _atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
+    atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
     print(f"wrote {out} ({time.time() - t0:.1f}s)")
     return meta
 

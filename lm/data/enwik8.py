@@ -25,6 +25,8 @@ from typing import Optional
 
 import numpy as np
 
+from lm.fileio import atomic_write_bytes
+
 ENWIK8_SIZE = 100_000_000
 ENWIK8_SHA256 = "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"
 ENWIK8_MD5 = "a1fa5ffddb56f4953e226637dabbb36a"
@@ -88,20 +90,11 @@ def verify_raw(path: Path, expected_size: Optional[int] = None, expected_sha256:
     if stamp is not None:
         try:
             stamp.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(stamp, json.dumps({"path": str(path.resolve()), "size": st.st_size,
+            atomic_write_bytes(stamp, json.dumps({"path": str(path.resolve()), "size": st.st_size,
                                              "sha256": found}).encode())
         except OSError:
             pass  # read-only cache: verify again next time
     return path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def extract_zip(zip_path: Path, dest_dir: Path, expected_size: Optional[int] = None,

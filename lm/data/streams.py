@@ -28,6 +28,7 @@ import numpy as np
 from lm.config import DataConfig
 from lm.data import enwik8, stdlib_corpus, wikitext
 from lm.data.tokenizer import BYTE, Tokenizer, default_workers, dtype_for_vocab, encode_text, load_tokenizer
+from lm.fileio import atomic_write_bytes
 
 
 @dataclass
@@ -42,15 +43,6 @@ class TokenStream:
         return len(self.tokens)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _stdlib_cache(cache_dir: Path) -> Path:
     listing = "\n".join(f"{rel}:{path.stat().st_size}" for rel, path in stdlib_corpus.list_files())
     fingerprint = hashlib.sha256(listing.encode()).hexdigest()[:12]
@@ -62,8 +54,8 @@ def _stdlib_cache(cache_dir: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     blobs, manifest = stdlib_corpus.build_splits()
     for split, blob in blobs.items():
-        _atomic_write_bytes(folder / f"{split}.bin", blob)
-    _atomic_write_bytes(meta, json.dumps({"dtype": "uint8", "vocab_size": 256, **manifest}, indent=1).encode())
+        atomic_write_bytes(folder / f"{split}.bin", blob)
+    atomic_write_bytes(meta, json.dumps({"dtype": "uint8", "vocab_size": 256, **manifest}, indent=1).encode())
     return folder
 
 
@@ -170,10 +162,10 @@ def _prepared_stream(cfg: DataConfig, split: str, cache_dir: Path) -> TokenStrea
         tokens = encode_split(data, tokenizer, workers=default_workers() if big else 1, progress=big,
                               desc=f"{cfg.dataset}/{split}")
         tokens = np.ascontiguousarray(tokens, dtype=dtype_for_vocab(tokenizer.vocab_size))
-        _atomic_write_bytes(folder / f"{split}.bin", tokens.tobytes())
+        atomic_write_bytes(folder / f"{split}.bin", tokens.tobytes())
         meta = {"dtype": tokens.dtype.name, "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name,
                 "tokens": int(len(tokens)), "bytes": len(data.data), "words": data.n_words, "source": key}
-        _atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
+        atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
     meta = json.loads(meta_path.read_text())
     tokens = np.memmap(folder / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r") if meta["tokens"] else \
         np.zeros(0, dtype=np.dtype(meta["dtype"]))

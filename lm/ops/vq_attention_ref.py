@@ -163,7 +163,7 @@ def local_bias(bias: Optional[Tensor], C: int, dtype, device=None) -> tuple[Tens
 def _within_chunk(q, k_hat, v, codes, codebook, state: VQAttentionState, C, bias, scale, return_state):
     """New tokens that all fall inside the current, partly filled chunk (n > 0, n + T <= C)."""
     B, T, H, Dk = q.shape
-    S, Dv = codebook.shape[1], v.shape[-1]
+    S = codebook.shape[1]
     dev, dt, acc = q.device, q.dtype, _acc_dtype(q)
     n = state.pos % C
     qh = q.transpose(1, 2)  # (B, H, T, Dk)
