@@ -277,3 +277,22 @@ def test_export_loads_on_one_process_and_matches(tmp_path, cache):
         assert main(["--checkpoint", str(src), "--split", "valid", "--max-tokens", "500", "--no-progress", "--json", str(j)]) == 0
         results.append(json.loads(j.read_text())["nll_sum"])
     assert results[0] == pytest.approx(results[1], rel=1e-6)
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path, cache):
+    run = tmp_path / "run"
+    run_dist(_train, 1, cfg=tiny_cfg(run, cache, "train.max_steps=8", "train.save_every=2", "train.keep_last=2"))
+    assert checkpoint.list_tags(run / "checkpoints") == ["global_step6", "global_step8"]
+    assert not list((run / "checkpoints").glob(".staging-*"))
+
+
+def test_pipeline_checkpoint_evaluates_on_one_process(tmp_path, cache):
+    run = tmp_path / "run"
+    run_dist(_train, 2, cfg=tiny_cfg(run, cache, "train.max_steps=2", "parallel.pipeline_stages=2",
+                                      "parallel.zero_stage=1"))
+    from evals.common import load_for_eval
+
+    model, cfg, _ = load_for_eval(run, torch.device("cpu"))  # strict: every plain-model weight found
+    state = checkpoint.load_module_state(*checkpoint.resolve_checkpoint(run))
+    torch.testing.assert_close(model.embed.weight, state["embed.weight"])
+    assert any(k.startswith("blocks.1.mixer.quantizer.c_sum") for k in state)

@@ -88,3 +88,9 @@ def test_dry_run_prints_topology_and_memory(capsys):
     assert "memory per GPU" in out and '"stage": 1' in out
     assert main([str(ROOT / "launch/configs/quickstart.yaml"), "--dry-run", "--world-size", "3",
                  "parallel.pipeline_stages=2"]) == 2  # 2 stages do not divide 3 processes
+
+
+def test_optimizer_offload_matches(tmp_path, cache, single):
+    (r,) = _run(tmp_path, cache, "offload", 1, "train.grad_accum_steps=2", "parallel.zero_stage=2",
+                "parallel.offload_optimizer=true")
+    torch.testing.assert_close(r["losses"], single["losses"], rtol=1e-5, atol=1e-5)

@@ -189,7 +189,13 @@ def load_token_folder(path: Optional[str], split: str) -> TokenStream:
     bin_path = folder / f"{split}.bin"
     if not bin_path.is_file():
         raise FileNotFoundError(f"{bin_path} not found (splits present: {sorted(meta.get('splits', {}))})")
-    tokens = np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r")
+    dtype = np.dtype(meta["dtype"])
     info = meta.get("splits", {}).get(split, {})
+    size = bin_path.stat().st_size
+    expected = info.get("tokens")
+    if size % dtype.itemsize or (expected is not None and size != expected * dtype.itemsize):
+        raise ValueError(f"{bin_path} is {size} bytes but meta.json promises {expected} {dtype} tokens: the shard is "
+                         "truncated or corrupt; re-run tokenizers/encode_corpus.py for this split")
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
     return TokenStream(tokens, int(meta["vocab_size"]), n_bytes=int(info.get("bytes", len(tokens))),
                        n_words=info.get("words"), name=f"{folder.name}/{split}")

@@ -65,7 +65,11 @@ class SentencePieceTokenizer:
                                "installed: pip install sentencepiece") from None
         self.path = path
         self._proto = path.read_bytes()
-        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        except (RuntimeError, OSError, TypeError) as exc:
+            raise ValueError(f"{path} is not a sentencepiece model ({str(exc).splitlines()[0] if str(exc) else exc}); "
+                             "data.tokenizer must be 'byte' or a .model file written by tokenizers/train_sentencepiece.py") from None
         self.vocab_size = int(self._sp.vocab_size())
         self.name = str(path)
         self.fingerprint = "spm-" + hashlib.sha256(self._proto).hexdigest()[:16]
