@@ -55,6 +55,7 @@ class LongVQMixer(nn.Module):
         self.h_proj = nn.Linear(self.hidden, D)
         self.hidden_dropout = nn.Dropout(lv.hidden_dropout)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.capture = False  # True: keep the attention inputs of the next forward in self.captured (diagnostics)
 
     def forward(self, x: Tensor, state: Optional[LongVQState] = None, return_state: bool = False):
         B, T, D = x.shape
@@ -76,6 +77,9 @@ class LongVQMixer(nn.Module):
             q, k_hat, v.view(B, T, H, E // H), codes, self.quantizer.codebook.to(q.dtype),
             chunk_size=self.chunk_size, bias=self.rel_bias, state=None if state is None else state.attn,
             return_state=return_state, impl=self.impl)
+        if self.capture:  # lm.ops.vq_diagnostics.attention_mass_split(**self.captured, chunk_size=C)
+            self.captured = dict(q=q.detach(), k_hat=k_hat.detach(), v=v.view(B, T, H, E // H).detach(), codes=codes,
+                                 codebook=self.quantizer.codebook.to(q.dtype), bias=self.rel_bias.detach())
         h = F.silu(hx + self.h_proj(attn.reshape(B, T, E) * r))
         out = x + u * (self.dropout(h) - x)
         new_state = LongVQState(ema_state, attn_state) if return_state else None
