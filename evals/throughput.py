@@ -69,7 +69,6 @@ import dataclasses
 import datetime as dt
 import gc
 import json
-import math
 import platform
 import statistics
 import sys
@@ -81,8 +80,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lm.config import ConfigError, ModelConfig, RunConfig, from_dict, to_dict
+from lm.config import ConfigError, ModelConfig, RunConfig, from_dict
 from lm.model import build_model
+from lm.parallel.activation_checkpointing import apply_activation_checkpointing
+from lm.metrics import FLOPS_FORMULA, flops_per_token, head_dims, mean_keys_per_query  # noqa: F401  (re-exported)
 from lm.ops import sdpa
 from lm.ops.vq_attention import resolve_impl
 
@@ -169,42 +170,6 @@ def check_param_match(params: dict[str, int], tolerance: float = 0.10) -> float:
     return ratio
 
 
-def mean_keys_per_query(cfg: ModelConfig, context: int) -> float:
-    """K: keys (or codewords) one query attends to, averaged over positions 0..context-1."""
-    T = context
-    if cfg.arch == "transformer":
-        return (T + 1) / 2
-    C, S = cfg.longvq.chunk_size, cfg.longvq.codebook_size
-    full, rem = divmod(T, C)
-    own = full * C * (C + 1) / 2 + rem * (rem + 1) / 2  # sum over i of (i mod C) + 1
-    prev = C * max(0, T - C)
-    cache = S * max(0, T - 2 * C)
-    return (own + prev + cache) / T
-
-
-def head_dims(cfg: ModelConfig) -> tuple[int, int, int]:
-    """(heads, dk, dv) of the attention."""
-    if cfg.arch == "transformer":
-        H = cfg.transformer.n_heads
-        return H, cfg.d_model // H, cfg.d_model // H
-    lv = cfg.longvq
-    H = lv.n_heads
-    return H, lv.z_dim // H, (lv.hidden_dim or 2 * cfg.d_model) // H
-
-
-FLOPS_FORMULA = {
-    "transformer": "6*N + 6*L*H*K*(dk+dv), K = (T+1)/2 causal keys per query (~= 6*N + 6*L*d*T)",
-    "longvq": "6*N + 6*L*H*K*(dk+dv), K = mean over positions of own-chunk (i mod C)+1 + previous chunk C "
-              "(i >= C) + codebook S (i >= 2C) (~= (C+1)/2 + C + S)",
-}
-
-
-def flops_per_token(cfg: ModelConfig, n_params: int, context: int) -> float:
-    """Training FLOPs (forward + backward) per token, the declared formula of the module docstring."""
-    H, dk, dv = head_dims(cfg)
-    return 6.0 * n_params + 6.0 * cfg.n_layers * H * mean_keys_per_query(cfg, context) * (dk + dv)
-
-
 # --------------------------------------------------------------------------------------------
 # Measuring
 # --------------------------------------------------------------------------------------------
@@ -265,6 +230,8 @@ def train_row(cfg: ModelConfig, context: int, args, device: torch.device) -> dic
     batch = max(1, args.tokens_per_step // context)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
+    if args.activation_checkpointing:  # both arms alike; recomputation does not re-count codebook stats
+        apply_activation_checkpointing(model.blocks)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     data = torch.randint(0, cfg.vocab_size, (batch, context + 1), device=device)
     inputs, targets = data[:, :-1], data[:, 1:]
@@ -293,6 +260,7 @@ def train_row(cfg: ModelConfig, context: int, args, device: torch.device) -> dic
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     return {"batch": batch, "tokens": batch * context, "step_times_s": times,
+            "activation_checkpointing": args.activation_checkpointing,
             "tokens_per_s": batch * context / median, "backend": _backend_name(cfg.arch, seen),
             "peak_mem_gib": _peak_gib(device)}
 
@@ -489,6 +457,8 @@ def parse_args(argv):
     p.add_argument("--decode-batch", type=int, default=1)
     p.add_argument("--decode-attn-backend", default="auto", choices=list(sdpa.BACKENDS))
     p.add_argument("--prefill-chunk", type=int, default=8192, help="prompt tokens per prefill forward")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in backward (both arms; for contexts whose activations do not fit)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-flops", type=float, default=None, help="default 989e12 on CUDA; CPU: no MFU")

@@ -19,22 +19,44 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def flops_per_token(model_cfg, seq_len: int, n_params: int) -> float:
-    """Training FLOPs per token (forward + backward), one declared formula per arch:
-      both:        6 * n_params                       (all weights incl. the tied embedding/head)
-      transformer: + 6 * L * d * T                    (causal attention: 2 matmuls over T/2 keys, x3 fwd+bwd)
-      longvq:      + 6 * L * (C/2 + C + S) * (d_z + E) (own chunk, previous chunk, S codes; x3 fwd+bwd)
-                   + 2 * L * S * d_z                  (nearest-code search, forward only)
-    The EMA's FFT convolution (O(T log T) per channel) and element-wise work are not counted."""
-    L = model_cfg.n_layers
-    base = 6.0 * n_params
-    if model_cfg.arch == "transformer":
-        return base + 6.0 * L * model_cfg.d_model * seq_len
-    lv = model_cfg.longvq
-    C, S = lv.chunk_size, lv.codebook_size
-    E = lv.hidden_dim or 2 * model_cfg.d_model
-    keys = min(C / 2 + C, seq_len / 2) + S
-    return base + 6.0 * L * keys * (lv.z_dim + E) + 2.0 * L * S * lv.z_dim
+def mean_keys_per_query(cfg, context: int) -> float:
+    """K: keys (or codewords) one query attends to, averaged over positions 0..context-1."""
+    T = context
+    if cfg.arch == "transformer":
+        return (T + 1) / 2
+    C, S = cfg.longvq.chunk_size, cfg.longvq.codebook_size
+    full, rem = divmod(T, C)
+    own = full * C * (C + 1) / 2 + rem * (rem + 1) / 2  # sum over i of (i mod C) + 1
+    prev = C * max(0, T - C)
+    cache = S * max(0, T - 2 * C)
+    return (own + prev + cache) / T
+
+
+def head_dims(cfg) -> tuple[int, int, int]:
+    """(heads, dk, dv) of the attention."""
+    if cfg.arch == "transformer":
+        H = cfg.transformer.n_heads
+        return H, cfg.d_model // H, cfg.d_model // H
+    lv = cfg.longvq
+    H = lv.n_heads
+    return H, lv.z_dim // H, (lv.hidden_dim or 2 * cfg.d_model) // H
+
+
+FLOPS_FORMULA = {
+    "transformer": "6*N + 6*L*H*K*(dk+dv), K = (T+1)/2 causal keys per query (~= 6*N + 6*L*d*T)",
+    "longvq": "6*N + 6*L*H*K*(dk+dv), K = mean over positions of own-chunk (i mod C)+1 + previous chunk C "
+              "(i >= C) + codebook S (i >= 2C) (~= (C+1)/2 + C + S)",
+}
+
+
+def flops_per_token(cfg, n_params: int, context: int) -> float:
+    """Training FLOPs (forward + backward) per token; one declared formula per arch (FLOPS_FORMULA),
+    shared by the trainer's MFU and evals/throughput.py. N = all parameters (tied embedding once, so
+    the LM head matmul is included); attention: 2 FLOPs per key for q.k and 2 for p.v, x3 for
+    forward + backward. Not counted: norms, activations, softmax, RoPE, key quantisation distances,
+    the EMA's FFT convolution and the codebook update."""
+    H, dk, dv = head_dims(cfg)
+    return 6.0 * n_params + 6.0 * cfg.n_layers * H * mean_keys_per_query(cfg, context) * (dk + dv)
 
 
 def summarize_codebooks(layer_metrics: dict) -> dict:

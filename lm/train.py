@@ -357,7 +357,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
 
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     tokens_per_step = micro * accum * trainer.dp * cfg.data.seq_len
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len, trainer.n_params)
+    fpt = flops_per_token(cfg.model, trainer.n_params, cfg.data.seq_len)
     peak = peak_flops(torch.cuda.get_device_name()) if trainer.on_gpu else None
     metrics = MetricsLogger(run_dir, enabled=is_rank0, total_steps=cfg.train.max_steps, start_step=trainer.step,
                             progress_bar=cfg.train.progress_bar)
