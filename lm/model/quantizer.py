@@ -39,13 +39,17 @@ class VectorQuantizer(nn.Module):
             setattr(self, name, getattr(self, name).float())
 
     def forward(self, k: Tensor):
-        """k (B, T, H, d) -> (k_hat with straight-through gradient, codes (B, T, H), commit loss, metrics)."""
+        """k (B, T, H, d) -> (k_hat with straight-through gradient, codes (B, T, H), commit loss, metrics).
+
+        metrics: the detached commitment loss, plus code usage / perplexity / relative error of this
+        batch in eval mode (in training the trainer reads `step_metrics()` over the whole step)."""
         B, T, H, d = k.shape
         cb = self.codebook  # (H, S, d)
         with torch.no_grad(), torch.autocast(k.device.type, enabled=False):  # distances in float32
             kf = k.detach().float()
-            dist = kf.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("bthd,hsd->bths", kf, cb) + cb.pow(2).sum(-1)[None, None]
-            codes = dist.argmin(dim=-1)  # (B, T, H)
+            # argmin_s ||k - c_s||^2 = argmin_s (||c_s||^2 - 2 k.c_s): ||k||^2 is constant per row
+            scores = cb.pow(2).sum(-1)[None, None] - 2 * torch.einsum("bthd,hsd->bths", kf, cb)
+            codes = scores.argmin(dim=-1)  # (B, T, H)
         head = torch.arange(H, device=k.device)[None, None].expand(B, T, H)
         quant = cb[head, codes]  # (B, T, H, d) float32
         k_hat = k + (quant.to(k.dtype) - k).detach()
@@ -53,17 +57,16 @@ class VectorQuantizer(nn.Module):
         if self.training and torch.is_grad_enabled() and self.accumulate_stats:
             with torch.autocast(k.device.type, enabled=False):
                 self.accumulate(kf, codes, quant)
+        metrics = {"commit": commit.detach()}
+        if self.training:  # training diagnostics come from the step's synchronised statistics (step_metrics)
+            return k_hat, codes, commit, metrics
         with torch.no_grad(), torch.autocast(k.device.type, enabled=False):
             counts = torch.zeros(H, self.codebook_size, device=k.device).scatter_add_(
                 1, codes.reshape(-1, H).t(), torch.ones(H, B * T, device=k.device))
             probs = counts / counts.sum(-1, keepdim=True)
             entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
-            metrics = {
-                "usage": (counts > 0).float().mean(),
-                "perplexity": entropy.exp().mean(),
-                "commit": commit.detach(),
-                "rel_error": ((kf - quant).norm() / kf.norm().clamp(min=1e-12)),
-            }
+            metrics.update(usage=(counts > 0).float().mean(), perplexity=entropy.exp().mean(),
+                           rel_error=(kf - quant).norm() / kf.norm().clamp(min=1e-12))
         return k_hat, codes, commit, metrics
 
     @torch.no_grad()
