@@ -53,6 +53,9 @@ class LongVQConfig:
     """Weight of the commitment loss ||k - sg(c_z)||^2 added to the LM loss."""
     codebook_decay: float = 0.99
     """gamma of the EMA k-means codebook update (applied once per optimizer step)."""
+    codebook_init: Literal["random", "first_batch"] = "random"
+    """first_batch: the first optimizer step sets the codebook to S keys of the first micro-batch
+    (quickstart, 2026-11-29: test bpb 2.274 vs 2.259 with random init: no gain there; for collapse studies)."""
     dead_code_threshold: float = 0.1
     """Codes whose EMA count falls below this fraction of the mean are re-seeded by splitting busy codes (0 = off)."""
     normalize_keys: bool = True

@@ -94,3 +94,11 @@ def test_optimizer_offload_matches(tmp_path, cache, single):
     (r,) = _run(tmp_path, cache, "offload", 1, "train.grad_accum_steps=2", "parallel.zero_stage=2",
                 "parallel.offload_optimizer=true")
     torch.testing.assert_close(r["losses"], single["losses"], rtol=1e-5, atol=1e-5)
+
+
+def test_first_batch_codebook_init_is_identical_on_every_rank(tmp_path, cache, single):
+    results = _run(tmp_path, cache, "init", 2, "parallel.zero_stage=1", "model.longvq.codebook_init=first_batch")
+    ref = _run(tmp_path, cache, "init1", 1, "train.grad_accum_steps=2", "model.longvq.codebook_init=first_batch")[0]
+    assert_same_codebooks(results[1:], results[0], atol=0)  # rank 0's sample was broadcast
+    assert_same_codebooks(results, ref, atol=1e-5)
+    torch.testing.assert_close(results[0]["losses"], ref["losses"], rtol=1e-5, atol=1e-5)

@@ -14,11 +14,17 @@ from torch import Tensor, nn
 
 class VectorQuantizer(nn.Module):
     def __init__(self, n_heads: int, codebook_size: int, dim: int, decay: float = 0.99, eps: float = 1e-2,
-                 dead_code_threshold: float = 0.1):
+                 dead_code_threshold: float = 0.1, init: str = "random"):
         super().__init__()
+        if init not in ("random", "first_batch"):
+            raise ValueError(f"codebook init must be 'random' or 'first_batch', got {init!r}")
         self.n_heads, self.codebook_size, self.dim = n_heads, codebook_size, dim
         self.decay, self.eps, self.dead_code_threshold = decay, eps, dead_code_threshold
         self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
+        # first_batch: the first optimizer step's update replaces the random codebook by S keys of the
+        # first training micro-batch (the trainer broadcasts rank 0's sample, so replicas agree)
+        self.register_buffer("initialized", torch.tensor(int(init == "random"), dtype=torch.long))
+        self.init_keys = None  # (H, S, d) pending sample for the first update
         self.register_buffer("c_sum", torch.randn(n_heads, codebook_size, dim))
         self.register_buffer("c_count", torch.ones(n_heads, codebook_size))
         self.register_buffer("stat_sum", torch.zeros(n_heads, codebook_size, dim))
@@ -57,6 +63,8 @@ class VectorQuantizer(nn.Module):
         if self.training and torch.is_grad_enabled() and self.accumulate_stats:
             with torch.autocast(k.device.type, enabled=False):
                 self.accumulate(kf, codes, quant)
+                if not int(self.initialized) and self.init_keys is None:
+                    self.init_keys = self._sample_keys(kf)
         metrics = {"commit": commit.detach()}
         if self.training:  # training diagnostics come from the step's synchronised statistics (step_metrics)
             return k_hat, codes, commit, metrics
@@ -68,6 +76,13 @@ class VectorQuantizer(nn.Module):
             metrics.update(usage=(counts > 0).float().mean(), perplexity=entropy.exp().mean(),
                            rel_error=(kf - quant).norm() / kf.norm().clamp(min=1e-12))
         return k_hat, codes, commit, metrics
+
+    @torch.no_grad()
+    def _sample_keys(self, k: Tensor) -> Tensor:
+        """S keys per head, evenly spaced over the batch's positions (deterministic, no RNG)."""
+        flat = k.reshape(-1, self.n_heads, self.dim)
+        idx = torch.linspace(0, flat.shape[0] - 1, self.codebook_size, device=k.device).round().long()
+        return flat[idx].transpose(0, 1).contiguous()  # (H, S, d)
 
     @torch.no_grad()
     def accumulate(self, k: Tensor, codes: Tensor, quant: Tensor) -> None:
@@ -94,6 +109,14 @@ class VectorQuantizer(nn.Module):
     def apply_update(self) -> None:
         """One EMA k-means step from the accumulated (already all-reduced) statistics, then reset them."""
         if float(self.stat_count.sum()) == 0.0:
+            return
+        if self.init_keys is not None and not int(self.initialized):
+            self.c_sum.copy_(self.init_keys)  # statistics of the random codebook are discarded
+            self.c_count.fill_(1.0)
+            self.initialized.fill_(1)
+            self.init_keys = None
+            for name in self.stat_names:
+                getattr(self, name).zero_()
             return
         g = self.decay
         self.c_sum.mul_(g).add_(self.stat_sum, alpha=1 - g)

@@ -58,3 +58,17 @@ def test_dead_codes_are_split_deterministically():
     vq2, _ = run()
     assert torch.equal(vq1.c_sum, vq2.c_sum)  # replicas doing the same updates stay bit-identical
     assert len(codes1.unique()) >= 4, "dead codes should have been re-seeded near the keys"
+
+
+def test_first_batch_init_uses_keys_of_the_first_batch():
+    vq = VectorQuantizer(n_heads=2, codebook_size=4, dim=3, init="first_batch").train()
+    k = torch.randn(1, 8, 2, 3) + 5.0  # far from the random initial codebook
+    vq(k)
+    vq(torch.randn(1, 8, 2, 3))  # a second micro-batch of the same step does not replace the sample
+    vq.apply_update()
+    assert int(vq.initialized) == 1 and float(vq.stat_count.sum()) == 0
+    flat = k.reshape(-1, 2, 3)
+    torch.testing.assert_close(vq.codebook, flat[torch.tensor([0, 2, 5, 7])].transpose(0, 1))
+    vq(k)
+    vq.apply_update()  # from now on: ordinary EMA updates
+    assert int(vq.n_updates) == 1
