@@ -280,10 +280,7 @@ class Trainer:
                     ce_sum += ce.item()
                     aux_sum += float(out.aux_loss.detach())
                     count += 1
-                else:
-                    if cfg.train.on_nonfinite == "halt":
-                        raise NonFiniteLoss(f"non-finite loss {loss.item()} at step {self.step + 1} (micro-batch {m}); "
-                                            "stopping (train.on_nonfinite=halt)")
+                else:  # every rank learns of it through the all-reduce below, then all halt/skip together
                     bad += 1  # this micro-batch contributes an exact zero gradient
                     engine.backward(sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0)
                 if m == accum - 1:

@@ -296,3 +296,24 @@ def test_pipeline_checkpoint_evaluates_on_one_process(tmp_path, cache):
     state = checkpoint.load_module_state(*checkpoint.resolve_checkpoint(run))
     torch.testing.assert_close(model.embed.weight, state["embed.weight"])
     assert any(k.startswith("blocks.1.mixer.quantizer.c_sum") for k in state)
+
+
+def _train_until_halt(cfg, nan_rank):
+    import os as _os
+
+    if _os.environ["RANK"] == str(nan_rank):
+        _nan_at_step(2)()
+    from lm.train import NonFiniteLoss, train
+
+    try:
+        train(cfg)
+    except NonFiniteLoss as exc:
+        return str(exc)
+    return "no halt"
+
+
+def test_nonfinite_loss_on_one_rank_halts_every_rank(tmp_path, cache):
+    """The rank that sees the NaN must not leave the others waiting in a collective."""
+    results = run_dist(_train_until_halt, 2, timeout=60, cfg=tiny_cfg(tmp_path / "r", cache, "train.max_steps=4"),
+                       nan_rank=1)
+    assert all("non-finite loss at step 2" in r and "halt" in r for r in results), results
