@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 stamp="$VENV/.requirements.sha256"
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import torch, deepspeed" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import torch, deepspeed" >/dev/null 2>&1; then
   exit 0
 fi
 echo "[setup] creating $VENV and installing requirements (first run: ~1-2 minutes)"
