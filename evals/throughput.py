@@ -226,7 +226,8 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
-def train_row(cfg: ModelConfig, context: int, args, device: torch.device) -> dict:
+def _train_step_fn(cfg: ModelConfig, context: int, args, device: torch.device):
+    """(batch, step function) for one training step of a fresh model at this context."""
     batch = max(1, args.tokens_per_step // context)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
@@ -235,8 +236,6 @@ def train_row(cfg: ModelConfig, context: int, args, device: torch.device) -> dic
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     data = torch.randint(0, cfg.vocab_size, (batch, context + 1), device=device)
     inputs, targets = data[:, :-1], data[:, 1:]
-    seen: set = set()
-    sdpa.last_backend = None
 
     def step():
         with _autocast(device):
@@ -246,6 +245,30 @@ def train_row(cfg: ModelConfig, context: int, args, device: torch.device) -> dic
         opt.step()
         opt.zero_grad(set_to_none=True)
         model.apply_codebook_updates()
+
+    return batch, step
+
+
+def profile_step(cfg: ModelConfig, context: int, args, device: torch.device, rows: int = 30) -> str:
+    """torch.profiler table (device time, top kernels) of one training step after two warm-ups."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, step = _train_step_fn(cfg, context, args, device)
+    step()
+    step()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+
+
+def train_row(cfg: ModelConfig, context: int, args, device: torch.device) -> dict:
+    batch, step = _train_step_fn(cfg, context, args, device)
+    seen: set = set()
+    sdpa.last_backend = None
 
     with _record_vq_impl(seen):
         step()  # first warm-up step also records the attention implementation
@@ -457,6 +480,8 @@ def parse_args(argv):
     p.add_argument("--decode-batch", type=int, default=1)
     p.add_argument("--decode-attn-backend", default="auto", choices=list(sdpa.BACKENDS))
     p.add_argument("--prefill-chunk", type=int, default=8192, help="prompt tokens per prefill forward")
+    p.add_argument("--profile-context", type=int, default=None,
+                   help="also profile one training step per arch at this context (top kernels -> OUT_DIR/*_profile_ARCH.txt)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in backward (both arms; for contexts whose activations do not fit)")
     p.add_argument("--steps", type=int, default=5)
@@ -541,6 +566,19 @@ def run_benchmark(args) -> list[dict]:
     except ImportError as exc:  # the JSON and the table are the results; the plot is a convenience
         print(f"warning: no plot ({exc}); install matplotlib for {paths['png'].name}", flush=True)
         del paths["png"]
+    if args.profile_context:
+        for arch in args.arch:
+            cfg = copy.deepcopy(cfgs[arch])
+            if arch == "transformer":
+                cfg.transformer.attn_backend = default_backends(device, args.attn_backends)[0]
+            path = out_dir / f"throughput_{tag}_profile_{arch}.txt"
+            try:
+                table = profile_step(cfg, args.profile_context, args, device)
+            except Exception as exc:  # noqa: BLE001 - a profile must not lose the rows above
+                table = f"profile failed: {exc!r}"
+            path.write_text(f"{arch}, context {args.profile_context}, one training step\n{table}\n")
+            paths[f"profile_{arch}"] = path
+            _free(device)
     print("wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
     return rows
 

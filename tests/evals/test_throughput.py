@@ -125,3 +125,13 @@ def test_benchmark_imports_nothing_from_deepspeed():
             "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed'); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+
+
+def test_profile_table_is_written(tmp_path):
+    from evals.throughput import main
+
+    assert main(["--preset", "tiny", "--contexts", "64", "--tokens-per-step", "128", "--decode-prompts",
+                 "--steps", "1", "--warmup", "1", "--out-dir", str(tmp_path), "--tag", "p", "--arch", "longvq",
+                 "--profile-context", "64"]) == 0
+    text = (tmp_path / "throughput_p_profile_longvq.txt").read_text()
+    assert "one training step" in text and "aten::" in text
