@@ -71,6 +71,9 @@ class MultiDimEMA(nn.Module):
     def forward(self, x: Tensor, state: Optional[Tensor] = None, return_state: bool = False):
         """x (B, T, D) -> (y (B, T, D), h_T (B, D, N) or None). state: h_0 (B, D, N) in acc_dtype."""
         with torch.autocast(x.device.type, enabled=False):  # FFT and kernel in float32 even under bf16 autocast
+            if x.shape[1] == 1 and state is not None:  # decoding: one recurrence step, no FFT
+                y, h = self.step(x, state)
+                return y, (h if return_state else None)
             return self._forward(x, state, return_state)
 
     def _forward(self, x: Tensor, state: Optional[Tensor], return_state: bool):

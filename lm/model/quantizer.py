@@ -31,6 +31,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("stat_count", torch.zeros(n_heads, codebook_size))
         self.register_buffer("stat_err", torch.zeros(2))  # sum ||k - c_z||^2, sum ||k||^2 (diagnostics)
         self.accumulate_stats = True  # switched off while activation checkpointing recomputes a forward
+        self.batch_metrics = False  # eval forwards also report this batch's code usage / perplexity / error
 
     stat_names = ("stat_count", "stat_sum", "stat_err")
 
@@ -48,7 +49,8 @@ class VectorQuantizer(nn.Module):
         """k (B, T, H, d) -> (k_hat with straight-through gradient, codes (B, T, H), commit loss, metrics).
 
         metrics: the detached commitment loss, plus code usage / perplexity / relative error of this
-        batch in eval mode (in training the trainer reads `step_metrics()` over the whole step)."""
+        batch in eval mode when `batch_metrics` is set (in training the trainer reads `step_metrics()`
+        over the whole step; decoding skips the extra work)."""
         B, T, H, d = k.shape
         cb = self.codebook  # (H, S, d)
         with torch.no_grad(), torch.autocast(k.device.type, enabled=False):  # distances in float32
@@ -66,7 +68,7 @@ class VectorQuantizer(nn.Module):
                 if not int(self.initialized) and self.init_keys is None:
                     self.init_keys = self._sample_keys(kf)
         metrics = {"commit": commit.detach()}
-        if self.training:  # training diagnostics come from the step's synchronised statistics (step_metrics)
+        if self.training or not self.batch_metrics:  # training reads the step's synchronised step_metrics()
             return k_hat, codes, commit, metrics
         with torch.no_grad(), torch.autocast(k.device.type, enabled=False):
             counts = torch.zeros(H, self.codebook_size, device=k.device).scatter_add_(

@@ -18,7 +18,8 @@ def test_straight_through_and_nearest_code():
     (gc,) = torch.autograd.grad(commit, k)
     assert gc.abs().sum() > 0
     assert "usage" not in metrics  # training reads step_metrics() instead
-    _, _, _, eval_metrics = vq.eval()(k)
+    vq.eval().batch_metrics = True
+    _, _, _, eval_metrics = vq(k)
     assert 0 < float(eval_metrics["usage"]) <= 1 and float(eval_metrics["rel_error"]) > 0
 
 
