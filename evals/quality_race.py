@@ -88,6 +88,7 @@ import yaml
 from evals import throughput as tp
 from lm.config import ConfigError, DataConfig, ModelConfig, OptimConfig, from_dict, to_dict
 from lm.data import WindowSampler, load_stream
+from lm.metrics import capture_attention_inputs
 from lm.model import build_model
 from lm.ops.vq_diagnostics import attention_mass_split, summarize_mass
 from lm.optim import lr_lambda, param_groups
@@ -298,19 +299,8 @@ def heldout_nll(model, tokens: torch.Tensor, context: int, batch_size: int, devi
 @torch.no_grad()
 def attention_mass(model, window: torch.Tensor, device: torch.device) -> list[dict]:
     """Per LongVQ layer: softmax mass on own chunk / previous chunk / code cache for one batch of windows."""
-    mixers = [(i, b.mixer) for i, b in enumerate(model.blocks) if hasattr(b.mixer, "capture")]
-    if not mixers:
-        return []
-    for _, m in mixers:
-        m.capture = True
-    try:
-        with tp._autocast(device):
-            model(window.to(device))
-        captured = [(i, m.chunk_size, m.__dict__.pop("captured")) for i, m in mixers]
-    finally:
-        for _, m in mixers:
-            m.capture = False
-            m.__dict__.pop("captured", None)
+    with tp._autocast(device):
+        captured = capture_attention_inputs(model, window.to(device))
     out = []
     for i, C, cap in captured:
         split = attention_mass_split(**cap, chunk_size=C)

@@ -59,6 +59,39 @@ def flops_per_token(cfg, n_params: int, context: int) -> float:
     return 6.0 * n_params + 6.0 * cfg.n_layers * H * mean_keys_per_query(cfg, context) * (dk + dv)
 
 
+def capture_attention_inputs(model, tokens) -> list[tuple[int, int, dict]]:
+    """(layer, chunk size, attention inputs) of every LongVQ layer for one forward over `tokens`
+    (no carried state); the model's own forward runs, the mixers only keep what they computed."""
+    mixers = [(i, b.mixer) for i, b in enumerate(model.blocks) if hasattr(b.mixer, "capture")]
+    for _, m in mixers:
+        m.capture = True
+    try:
+        model(tokens)
+        return [(i, m.chunk_size, m.__dict__.pop("captured")) for i, m in mixers]
+    finally:
+        for _, m in mixers:
+            m.capture = False
+            m.__dict__.pop("captured", None)
+
+
+def attention_mass_scalars(model, tokens) -> dict:
+    """TensorBoard scalars: share of softmax mass on the code cache / previous chunk / own chunk."""
+    import torch
+
+    from lm.ops.vq_diagnostics import attention_mass_split
+
+    out, caches = {}, []
+    with torch.no_grad():
+        for i, C, cap in capture_attention_inputs(model, tokens):
+            split = attention_mass_split(**cap, chunk_size=C)
+            for region in ("cache", "prev", "own"):
+                out[f"attention/{region}_share/layer{i}"] = split[region]
+            caches.append(split["cache"])
+    if caches:
+        out["attention/cache_share"] = sum(caches) / len(caches)
+    return out
+
+
 def summarize_codebooks(layer_metrics: dict) -> dict:
     """Per-layer codebook diagnostics ("layer3/usage") -> averages and per-layer TensorBoard tags."""
     out, groups = {}, {}

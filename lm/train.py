@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from lm import checkpoint
 from lm.config import ConfigError, RunConfig, dump_config, load_config
 from lm.data import WindowSampler, load_stream
-from lm.metrics import MetricsLogger, flops_per_token, peak_flops, summarize_codebooks
+from lm.metrics import MetricsLogger, attention_mass_scalars, flops_per_token, peak_flops, summarize_codebooks
 from lm.model import build_model
 from lm.optim import param_groups, scheduler_factory
 from lm.parallel.activation_checkpointing import apply_activation_checkpointing
@@ -85,6 +85,17 @@ def evaluate_loss(model, sampler: WindowSampler, batches: int, batch_size: int, 
         count += 1
     model.train(was_training)
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def _attention_mass(model, sampler: WindowSampler, device) -> dict:
+    """Share of attention mass on the code cache vs the local window, on one held-out window."""
+    was_training = model.training
+    model.eval()
+    try:
+        return attention_mass_scalars(model, sampler.samples(0, 1)[0].to(device))
+    finally:
+        model.train(was_training)
 
 
 def _sum_over_world(values: list[float], device) -> list[float]:
@@ -385,6 +396,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
                     scalars["valid/loss"] = evaluate_loss(trainer.engine.module, valid_sampler, cfg.train.eval_batches,
                                                           micro, trainer.device)
                     scalars["valid/bpb"] = scalars["valid/loss"] / math.log(2)
+                    scalars.update(_attention_mass(trainer.engine.module, valid_sampler, trainer.device))
             metrics.step(step, scalars, log_scalars=(step % cfg.train.log_every == 0 or step == cfg.train.max_steps))
             if trainer.stop_requested:
                 preempted = True

@@ -36,7 +36,8 @@ def _train(cfg, resume=None):
 
 @pytest.mark.parametrize("arch", ["longvq", "transformer"])
 def test_training_reduces_loss_and_writes_artifacts(tmp_path, data_cache, arch):
-    cfg = tiny_cfg(tmp_path / "run", data_cache, "train.max_steps=30", f"model.arch={arch}", "optim.lr=3e-3")
+    cfg = tiny_cfg(tmp_path / "run", data_cache, "train.max_steps=30", f"model.arch={arch}", "optim.lr=3e-3",
+                   "train.eval_every=15", "train.eval_batches=1")
     (summary,) = run_dist(_train, world_size=1, cfg=cfg)
     losses = summary["losses"]
     assert len(losses) == 30
@@ -51,9 +52,14 @@ def test_training_reduces_loss_and_writes_artifacts(tmp_path, data_cache, arch):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"}
+    expected |= {"valid/bpb"}
     if arch == "longvq":
-        expected |= {"train/commit_loss", "codebook/usage", "codebook/perplexity"}
+        expected |= {"train/commit_loss", "codebook/usage", "codebook/perplexity", "codebook/rel_error",
+                     "attention/cache_share", "attention/cache_share/layer1", "attention/own_share/layer0"}
     assert expected <= tags, tags
+    if arch == "longvq":  # 32-token windows, chunks of 8: the cache holds real mass, the shares sum to 1
+        shares = [acc.Scalars(f"attention/{r}_share/layer0")[-1].value for r in ("cache", "prev", "own")]
+        assert 0 < shares[0] < 1 and abs(sum(shares) - 1) < 1e-5
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 31))
 
 
