@@ -83,6 +83,7 @@ import yaml
 from lm.config import ConfigError, ModelConfig, RunConfig, from_dict
 from lm.model import build_model
 from lm.parallel.activation_checkpointing import apply_activation_checkpointing
+from lm.parallel.compile import maybe_compile
 from lm.metrics import FLOPS_FORMULA, flops_per_token, head_dims, mean_keys_per_query  # noqa: F401  (re-exported)
 from lm.ops import sdpa
 from lm.ops.vq_attention import resolve_impl
@@ -231,6 +232,7 @@ def _train_step_fn(cfg: ModelConfig, context: int, args, device: torch.device):
     batch = max(1, args.tokens_per_step // context)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
+    maybe_compile(model, args.compile is not None, args.compile or "inductor")
     if args.activation_checkpointing:  # both arms alike; recomputation does not re-count codebook stats
         apply_activation_checkpointing(model.blocks)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -283,7 +285,7 @@ def train_row(cfg: ModelConfig, context: int, args, device: torch.device) -> dic
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     return {"batch": batch, "tokens": batch * context, "step_times_s": times,
-            "activation_checkpointing": args.activation_checkpointing,
+            "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
             "tokens_per_s": batch * context / median, "backend": _backend_name(cfg.arch, seen),
             "peak_mem_gib": _peak_gib(device)}
 
@@ -482,6 +484,8 @@ def parse_args(argv):
     p.add_argument("--prefill-chunk", type=int, default=8192, help="prompt tokens per prefill forward")
     p.add_argument("--profile-context", type=int, default=None,
                    help="also profile one training step per arch at this context (top kernels -> OUT_DIR/*_profile_ARCH.txt)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile each block (both arms; default backend inductor)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in backward (both arms; for contexts whose activations do not fit)")
     p.add_argument("--steps", type=int, default=5)

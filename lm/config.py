@@ -140,6 +140,10 @@ class TrainConfig:
     """Held-out loss every N steps (0 = never during training)."""
     eval_batches: int = 8
     progress_bar: bool = True
+    compile: bool = False
+    """torch.compile each block (fuses the element-wise work; measure first with evals.throughput --compile)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend ('eager' only traces: what the CPU tests use)."""
     on_nonfinite: Literal["halt", "skip", "rollback"] = "halt"
     """Loss NaN/inf: halt with a message; skip the step's update (the bad micro-batch gives no gradient);
     or rollback to the last checkpoint and continue past the bad data. Every event is logged and counted."""

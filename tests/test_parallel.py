@@ -102,3 +102,11 @@ def test_first_batch_codebook_init_is_identical_on_every_rank(tmp_path, cache, s
     assert_same_codebooks(results[1:], results[0], atol=0)  # rank 0's sample was broadcast
     assert_same_codebooks(results, ref, atol=1e-5)
     torch.testing.assert_close(results[0]["losses"], ref["losses"], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_blocks_give_the_same_losses(tmp_path, cache, single):
+    """train.compile wires torch.compile per block (the 'eager' backend traces without generating code)."""
+    (r,) = _run(tmp_path, cache, "compiled", 1, "train.grad_accum_steps=2", "train.compile=true",
+                "train.compile_backend=eager")
+    torch.testing.assert_close(r["losses"], single["losses"], rtol=1e-6, atol=1e-6)
+    assert_same_codebooks([r], single, atol=1e-6)
