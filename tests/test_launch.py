@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lm.parallel.dist import free_port
 from tests.test_train import ROOT
 
 ARGS = ["launch/configs/quickstart.yaml", "train.max_steps=2", "data.seq_len=32", "model.d_model=32",
@@ -17,8 +18,7 @@ ARGS = ["launch/configs/quickstart.yaml", "train.max_steps=2", "data.seq_len=32"
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_run_local_trains_with_two_processes(tmp_path, launcher):
-    env = dict(os.environ, NPROC="2", LAUNCHER=launcher, PYTHON=sys.executable,
-               MASTER_PORT=str(29600 + (launcher == "deepspeed")))
+    env = dict(os.environ, NPROC="2", LAUNCHER=launcher, PYTHON=sys.executable, MASTER_PORT=str(free_port()))
     args = ARGS + [f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"]
     proc = subprocess.run(["bash", "launch/run_local.sh", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=240)
