@@ -84,12 +84,12 @@ from lm.config import ConfigError, ModelConfig, RunConfig, from_dict
 from lm.model import build_model
 from lm.parallel.activation_checkpointing import apply_activation_checkpointing
 from lm.parallel.compile import maybe_compile
-from lm.metrics import FLOPS_FORMULA, flops_per_token, head_dims, mean_keys_per_query  # noqa: F401  (re-exported)
+from lm.metrics import PEAK_BF16_FLOPS, FLOPS_FORMULA, flops_per_token, head_dims, mean_keys_per_query  # noqa: F401  (re-exported)
 from lm.ops import sdpa
 from lm.ops.vq_attention import resolve_impl
 
 ARCHS = ("longvq", "transformer")
-H200_PEAK_BF16 = 989e12
+H200_PEAK_BF16 = PEAK_BF16_FLOPS["H200"]  # one table of GPU peaks: lm/metrics.py
 CONTRACT_FIELDS = ("arch", "context", "mode", "tokens_per_s", "peak_mem_gib", "mfu", "params", "backend",
                    "device", "date")
 

@@ -12,6 +12,14 @@ import torch
 from torch import Tensor, nn
 
 
+def code_usage_perplexity(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """From per-head code counts (H, S): fraction of codes used, and exp(entropy) of the code
+    distribution averaged over heads."""
+    probs = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
+    return (counts > 0).float().mean(), entropy.exp().mean()
+
+
 class VectorQuantizer(nn.Module):
     def __init__(self, n_heads: int, codebook_size: int, dim: int, decay: float = 0.99, eps: float = 1e-2,
                  dead_code_threshold: float = 0.1, init: str = "random"):
@@ -73,10 +81,8 @@ class VectorQuantizer(nn.Module):
         with torch.no_grad(), torch.autocast(k.device.type, enabled=False):
             counts = torch.zeros(H, self.codebook_size, device=k.device).scatter_add_(
                 1, codes.reshape(-1, H).t(), torch.ones(H, B * T, device=k.device))
-            probs = counts / counts.sum(-1, keepdim=True)
-            entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
-            metrics.update(usage=(counts > 0).float().mean(), perplexity=entropy.exp().mean(),
-                           rel_error=(kf - quant).norm() / kf.norm().clamp(min=1e-12))
+            usage, perplexity = code_usage_perplexity(counts)
+            metrics.update(usage=usage, perplexity=perplexity, rel_error=(kf - quant).norm() / kf.norm().clamp(min=1e-12))
         return k_hat, codes, commit, metrics
 
     @torch.no_grad()
@@ -99,11 +105,8 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def step_metrics(self) -> dict:
         """Codebook health over the statistics accumulated this step (call before apply_update)."""
-        count = self.stat_count.float()
-        total = count.sum(-1, keepdim=True).clamp(min=1)
-        probs = count / total
-        entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
-        return {"usage": float((count > 0).float().mean()), "perplexity": float(entropy.exp().mean()),
+        usage, perplexity = code_usage_perplexity(self.stat_count.float())
+        return {"usage": float(usage), "perplexity": float(perplexity),
                 "rel_error": float((self.stat_err[0] / self.stat_err[1].clamp(min=1e-12)).sqrt()),
                 "dead_codes": float((self.c_count < self.dead_code_threshold * self.c_count.mean(-1, keepdim=True)).float().mean())}
 
