@@ -90,6 +90,7 @@ from lm.config import ConfigError, DataConfig, ModelConfig, OptimConfig, from_di
 from lm.data import WindowSampler, load_stream
 from lm.metrics import capture_attention_inputs
 from lm.model import build_model
+from lm.parallel.compile import eager_blocks, maybe_compile, set_tf32
 from lm.ops.vq_diagnostics import attention_mass_split, summarize_mass
 from lm.optim import lr_lambda, param_groups
 
@@ -386,6 +387,10 @@ def train_arm(cfg: ModelConfig, optim: OptimConfig, context: int, sampler: Windo
     micro = math.ceil(batch / accum)
     torch.manual_seed(args.seed)
     model = build_model(cfg).to(device).train()
+    if args.compile:
+        torch._dynamo.reset()  # a fresh recompile budget per arm (Dynamo falls back to eager past its limit)
+    maybe_compile(model, args.compile is not None, args.compile or "inductor")
+    set_tf32(True)
     opt = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2),
                             eps=optim.eps, fused=device.type == "cuda")
     budget = args.budget_minutes * 60.0
@@ -463,7 +468,8 @@ def train_arm(cfg: ModelConfig, optim: OptimConfig, context: int, sampler: Windo
                     tb.add_scalar(f"codebook/{k}", v, step)
         if elapsed >= next_val or elapsed >= budget:
             next_val += val_every
-            vl = val_loss(model, val_windows, device, batch)
+            with eager_blocks(model):  # eval shapes / mode must not trigger recompiles
+                vl = val_loss(model, val_windows, device, batch)
             val["step"].append(step)
             val["time_s"].append(elapsed)
             val["loss"].append(vl)
@@ -710,6 +716,8 @@ def parse_args(argv):
                    help="OptimConfig fields (lr, min_lr_ratio, weight_decay, beta1, beta2, eps, grad_clip)")
     p.add_argument("--param-tolerance", type=float, default=0.10)
     p.add_argument("--tokens-per-step", type=int, default=None, help="default 65536 (40m), 512 (tiny)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile each block, both arms (evaluations run eager); compile time falls in the untimed warm-up")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (memory)")
     p.add_argument("--warmup-frac", type=float, default=0.05, help="lr warmup, fraction of the budget")
     p.add_argument("--warmup-steps", type=int, default=1, help="untimed kernel warm-up forward/backward passes")
@@ -771,7 +779,7 @@ def run_race(args) -> dict:
             "preset": args.preset, "overrides": args.overrides, "budget_minutes": args.budget_minutes,
             "budget_s": args.budget_minutes * 60, "precision": "bf16-autocast" if device.type == "cuda" else "fp32",
             "tokens_per_step": args.tokens_per_step, "grad_accum": args.grad_accum, "seed": args.seed,
-            "contexts": args.contexts, "archs": args.arch, "params": params, "param_ratio": ratio,
+            "compile": args.compile, "tf32": device.type == "cuda", "contexts": args.contexts, "archs": args.arch, "params": params, "param_ratio": ratio,
             "configs": {a: to_dict(c) for a, c in cfgs.items()}, "optim": {a: to_dict(o) for a, o in optims.items()},
             "schedule": SCHEDULE, "warmup_frac": args.warmup_frac, "warmup_steps_untimed": args.warmup_steps,
             "eval_split": args.eval_split, "eval_tokens": n_eval - 1, "corpus": _corpus_info(data_cfg),
@@ -796,7 +804,8 @@ def run_race(args) -> dict:
                     print(f"no TensorBoard ({exc})", file=sys.stderr)
             model, record = train_arm(cfg, optims[arch], context, sampler, val_windows, args, device, tb)
             record = {"arch": arch, "context": context, "params": params[arch], **record}
-            record["eval"] = evaluate_arm(model, cfg, context, eval_tokens, args, device, chunk)
+            with eager_blocks(model):
+                record["eval"] = evaluate_arm(model, cfg, context, eval_tokens, args, device, chunk)
             ev = record["eval"]
             if args.save_dir:
                 record["export"] = str(save_export(model, cfg, context, args, Path(args.save_dir) / f"{tag}_{context}_{arch}"))

@@ -83,7 +83,7 @@ import yaml
 from lm.config import ConfigError, ModelConfig, RunConfig, from_dict
 from lm.model import build_model
 from lm.parallel.activation_checkpointing import apply_activation_checkpointing
-from lm.parallel.compile import maybe_compile
+from lm.parallel.compile import eager_blocks, maybe_compile, set_tf32
 from lm.metrics import PEAK_BF16_FLOPS, FLOPS_FORMULA, flops_per_token, head_dims, mean_keys_per_query  # noqa: F401  (re-exported)
 from lm.ops import sdpa
 from lm.ops.vq_attention import resolve_impl
@@ -233,6 +233,7 @@ def _train_step_fn(cfg: ModelConfig, context: int, args, device: torch.device):
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     maybe_compile(model, args.compile is not None, args.compile or "inductor")
+    set_tf32(not args.no_tf32)
     if args.activation_checkpointing:  # both arms alike; recomputation does not re-count codebook stats
         apply_activation_checkpointing(model.blocks)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -248,14 +249,14 @@ def _train_step_fn(cfg: ModelConfig, context: int, args, device: torch.device):
         opt.zero_grad(set_to_none=True)
         model.apply_codebook_updates()
 
-    return batch, step
+    return batch, step, model
 
 
-def profile_step(cfg: ModelConfig, context: int, args, device: torch.device, rows: int = 30) -> str:
+def profile_step(cfg: ModelConfig, context: int, args, device: torch.device, rows: int = 45) -> str:
     """torch.profiler table (device time, top kernels) of one training step after two warm-ups."""
     from torch.profiler import ProfilerActivity, profile
 
-    _, step = _train_step_fn(cfg, context, args, device)
+    _, step, _ = _train_step_fn(cfg, context, args, device)
     step()
     step()
     _sync(device)
@@ -263,16 +264,16 @@ def profile_step(cfg: ModelConfig, context: int, args, device: torch.device, row
     with profile(activities=activities) as prof:
         step()
         _sync(device)
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
 
 
 def train_row(cfg: ModelConfig, context: int, args, device: torch.device) -> dict:
-    batch, step = _train_step_fn(cfg, context, args, device)
+    batch, step, model = _train_step_fn(cfg, context, args, device)
     seen: set = set()
     sdpa.last_backend = None
 
-    with _record_vq_impl(seen):
+    with _record_vq_impl(seen), eager_blocks(model):  # eager: the recording wrapper must not enter a compiled graph
         step()  # first warm-up step also records the attention implementation
     for _ in range(max(0, args.warmup - 1)):
         step()
@@ -285,7 +286,7 @@ def train_row(cfg: ModelConfig, context: int, args, device: torch.device) -> dic
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     return {"batch": batch, "tokens": batch * context, "step_times_s": times,
-            "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
+            "activation_checkpointing": args.activation_checkpointing, "compile": args.compile, "tf32": not args.no_tf32,
             "tokens_per_s": batch * context / median, "backend": _backend_name(cfg.arch, seen),
             "peak_mem_gib": _peak_gib(device)}
 
@@ -341,6 +342,8 @@ def _free(device: torch.device) -> None:
 
 def measure(fn, cfg, context, args, device) -> dict:
     """Run one row; OOM and other failures become {"error": ...} instead of ending the sweep."""
+    if args.compile:  # each row compiles its own model: without a reset, Dynamo's per-function recompile limit
+        torch._dynamo.reset()  # (8) is reached after a few (arch, context) rows and later rows silently run eager
     if device.type == "cuda":
         _free(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -465,7 +468,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m evals.throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
-    p.add_argument("--contexts", nargs="+", type=int,
+    p.add_argument("--contexts", nargs="*", type=int,
                    default=[2048, 4096, 8192, 16384, 32768, 65536, 131072])
     p.add_argument("--tokens-per-step", type=int, default=65536)
     p.add_argument("--preset", default="125m", choices=sorted(PRESETS))
@@ -486,6 +489,7 @@ def parse_args(argv):
                    help="also profile one training step per arch at this context (top kernels -> OUT_DIR/*_profile_ARCH.txt)")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile each block (both arms; default backend inductor)")
+    p.add_argument("--no-tf32", action="store_true", help="keep float32 matmuls in full fp32 (default: TF32 on CUDA)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in backward (both arms; for contexts whose activations do not fit)")
     p.add_argument("--steps", type=int, default=5)
@@ -496,6 +500,8 @@ def parse_args(argv):
     p.add_argument("--tag", default=None, help="name of the output files (default PRESET_DEVICE)")
     p.add_argument("--raise-errors", action="store_true", help="re-raise non-OOM failures (debugging)")
     args = p.parse_args(argv)
+    if args.compile and args.warmup < 2:
+        p.error("--compile needs --warmup >= 2 (the first warm-up step runs eager, the second compiles)")
     if args.steps < 1 or args.warmup < 1 or args.tokens_per_step < 1 or args.prefill_chunk < 1:
         p.error("--steps, --warmup, --tokens-per-step and --prefill-chunk must be >= 1")
     return args

@@ -144,6 +144,8 @@ class TrainConfig:
     """torch.compile each block (fuses the element-wise work; measure first with evals.throughput --compile)."""
     compile_backend: str = "inductor"
     """torch.compile backend ('eager' only traces: what the CPU tests use)."""
+    tf32: bool = True
+    """CUDA: float32 matmuls on TF32 tensor cores (the key-to-codebook distances; bf16 autocast covers the rest)."""
     on_nonfinite: Literal["halt", "skip", "rollback"] = "halt"
     """Loss NaN/inf: halt with a message; skip the step's update (the bad micro-batch gives no gradient);
     or rollback to the last checkpoint and continue past the bad data. Every event is logged and counted."""

@@ -29,7 +29,7 @@ from lm.metrics import MetricsLogger, attention_mass_scalars, flops_per_token, p
 from lm.model import build_model
 from lm.optim import param_groups, scheduler_factory
 from lm.parallel.activation_checkpointing import apply_activation_checkpointing
-from lm.parallel.compile import maybe_compile
+from lm.parallel.compile import maybe_compile, set_tf32
 from lm.parallel.deepspeed_config import build_deepspeed_config, use_bf16
 from lm.parallel.dist import all_reduce_codebook_stats, ensure_launcher_env, init_distributed
 from lm.parallel.topology import describe_topology
@@ -139,6 +139,7 @@ class Trainer:
         model = build_model(cfg.model)
         self.n_params = model.num_params()
         maybe_compile(model, cfg.train.compile, cfg.train.compile_backend)
+        set_tf32(cfg.train.tf32)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model.blocks)
         if self.pipelined:

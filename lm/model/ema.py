@@ -66,7 +66,9 @@ class MultiDimEMA(nn.Module):
 
     def _kernel(self, length: int) -> Tensor:
         pb, q = self.coefficients()
-        return torch.einsum("dn,dnl->dl", pb * self.gamma.to(q.dtype) * self.scale, self._powers(q, 0, length))
+        # a broadcast product and a sum, not an einsum (= batched GEMM): under torch.compile this is one
+        # fused reduction that never writes the (D, N, L) powers to memory
+        return ((pb * self.gamma.to(q.dtype) * self.scale)[..., None] * self._powers(q, 0, length)).sum(1)
 
     def forward(self, x: Tensor, state: Optional[Tensor] = None, return_state: bool = False):
         """x (B, T, D) -> (y (B, T, D), h_T (B, D, N) or None). state: h_0 (B, D, N) in acc_dtype."""

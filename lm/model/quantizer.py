@@ -33,12 +33,13 @@ class VectorQuantizer(nn.Module):
         # first training micro-batch (the trainer broadcasts rank 0's sample, so replicas agree)
         self.register_buffer("initialized", torch.tensor(int(init == "random"), dtype=torch.long))
         self.init_keys = None  # (H, S, d) pending sample for the first update
+        self._init_done = init == "random"  # Python mirror of `initialized`: forwards never read the buffer (sync)
         self.register_buffer("c_sum", torch.randn(n_heads, codebook_size, dim))
         self.register_buffer("c_count", torch.ones(n_heads, codebook_size))
         self.register_buffer("stat_sum", torch.zeros(n_heads, codebook_size, dim))
         self.register_buffer("stat_count", torch.zeros(n_heads, codebook_size))
         self.register_buffer("stat_err", torch.zeros(2))  # sum ||k - c_z||^2, sum ||k||^2 (diagnostics)
-        self.accumulate_stats = True  # switched off while activation checkpointing recomputes a forward
+        self.accumulate_stats = True  # False: training forwards leave the statistics alone
         self.batch_metrics = False  # eval forwards also report this batch's code usage / perplexity / error
 
     stat_names = ("stat_count", "stat_sum", "stat_err")
@@ -73,7 +74,7 @@ class VectorQuantizer(nn.Module):
         if self.training and torch.is_grad_enabled() and self.accumulate_stats:
             with torch.autocast(k.device.type, enabled=False):
                 self.accumulate(kf, codes, quant)
-                if not int(self.initialized) and self.init_keys is None:
+                if self.init_keys is None and self.needs_init():
                     self.init_keys = self._sample_keys(kf)
         metrics = {"commit": commit.detach()}
         if self.training or not self.batch_metrics:  # training reads the step's synchronised step_metrics()
@@ -84,6 +85,14 @@ class VectorQuantizer(nn.Module):
             usage, perplexity = code_usage_perplexity(counts)
             metrics.update(usage=usage, perplexity=perplexity, rel_error=(kf - quant).norm() / kf.norm().clamp(min=1e-12))
         return k_hat, codes, commit, metrics
+
+    def needs_init(self) -> bool:
+        """True until the first-batch initialisation happened."""
+        return not self._init_done
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._init_done = bool(int(self.initialized))  # loaded: one read, at load time
 
     @torch.no_grad()
     def _sample_keys(self, k: Tensor) -> Tensor:
@@ -115,10 +124,11 @@ class VectorQuantizer(nn.Module):
         """One EMA k-means step from the accumulated (already all-reduced) statistics, then reset them."""
         if float(self.stat_count.sum()) == 0.0:
             return
-        if self.init_keys is not None and not int(self.initialized):
+        if self.init_keys is not None and self.needs_init():
             self.c_sum.copy_(self.init_keys)  # statistics of the random codebook are discarded
             self.c_count.fill_(1.0)
             self.initialized.fill_(1)
+            self._init_done = True
             self.init_keys = None
             for name in self.stat_names:
                 getattr(self, name).zero_()

@@ -537,6 +537,11 @@ class _FusedVQAttention(torch.autograd.Function):
         return (dq, gk.to(q.dtype), gv.to(vx.dtype), dbias_out) + (None,) * 9
 
 
+@torch.compiler.disable  # under torch.compile: an opaque call (Dynamo does not trace the Triton launches);
+def _apply_fused(*args):  # the table building around it stays in the compiled graph and gets fused
+    return _FusedVQAttention.apply(*args)
+
+
 def fused_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codebook: Tensor, *,
                        chunk_size: int, bias: Optional[Tensor] = None, scale: Optional[float] = None,
                        state: Optional[VQAttentionState] = None, return_state: bool = False):
@@ -574,7 +579,7 @@ def fused_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codeb
         cb = cb.contiguous()
 
     has_prev = state is not None and state.prev_k is not None
-    out = _FusedVQAttention.apply(
+    out = _apply_fused(
         q, k_hat, v, bias, state.prev_k if has_prev else None, state.prev_v if has_prev else None,
         codes, cb, logn, ubar, cnt, C, scale)
 

@@ -1,7 +1,9 @@
 """Activation checkpointing per block, applied from outside the model (parameter names unchanged).
 
 The forward is recomputed during backward; the recomputation must not count codebook statistics a
-second time, so the block's quantizers skip accumulation while it runs.
+second time, so the block's quantizer statistics are saved before it and restored after it. (Switching
+accumulation off instead would make the recomputation a different program: under torch.compile a
+different graph, which may save a different set of tensors, and checkpointing refuses that.)
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from torch import nn
 
 
 def _checkpointed(block: nn.Module, forward):
-    quantizers = [m for m in block.modules() if hasattr(m, "accumulate_stats")]
+    quantizers = [m for m in block.modules() if hasattr(m, "stat_names")]
 
     def wrapped(x, state=None, return_state: bool = False):
         if state is not None or return_state or not block.training:
@@ -21,13 +23,12 @@ def _checkpointed(block: nn.Module, forward):
         def run(inp):
             recompute = bool(calls)
             calls.append(1)
-            for vq in quantizers:
-                vq.accumulate_stats = not recompute
+            saved = [(getattr(vq, n), getattr(vq, n).clone()) for vq in quantizers for n in vq.stat_names] if recompute else []
             try:
                 return forward(inp)
             finally:
-                for vq in quantizers:
-                    vq.accumulate_stats = True
+                for buf, copy in saved:
+                    buf.copy_(copy)
 
         return torch_checkpoint.checkpoint(run, x, use_reentrant=False)
 

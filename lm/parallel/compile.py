@@ -2,10 +2,14 @@
 
 Compiling block by block keeps graphs small and identical across layers (one compilation reused), and
 leaves the fused attention kernel (an autograd Function) as a graph break. Off by default: measure it
-(`python -m evals.throughput --compile`) before turning it on for a run.
+(`python -m evals.throughput --compile`) before turning it on for a run. `set_tf32` switches TF32 matmuls. `eager_blocks(model)` runs the
+original Python forwards for a while (evaluation with other shapes or diagnostics hooks, without
+recompiling).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -14,10 +18,33 @@ from torch import nn
 def compile_blocks(blocks, backend: str = "inductor") -> None:
     for block in blocks:
         if not getattr(block, "_compiled", False):
+            block._eager_forward = block.forward
             block.forward = torch.compile(block.forward, backend=backend, dynamic=False)
             block._compiled = True
+
+
+def set_tf32(enabled: bool) -> None:
+    """float32 matmuls on TF32 tensor cores (CUDA; no effect on CPU). The only fp32 GEMM of a bf16-autocast
+    step is LongVQ's key-to-codebook distance, whose argmin tolerates the 10-bit mantissa (near-ties only)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def maybe_compile(model: nn.Module, enabled: bool, backend: str) -> None:
     if enabled:
         compile_blocks(model.blocks, backend)
+
+
+@contextlib.contextmanager
+def eager_blocks(model: nn.Module):
+    """Inside: compiled blocks run their original eager forward. No-op for a model never compiled."""
+    swapped = []
+    for block in getattr(model, "blocks", []):
+        if getattr(block, "_compiled", False):
+            swapped.append((block, block.forward))
+            block.forward = block._eager_forward
+    try:
+        yield model
+    finally:
+        for block, compiled in swapped:
+            block.forward = compiled
