@@ -263,6 +263,34 @@ def load(engine, ckpt_root: Path, tag: str) -> None:
     path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag, load_module_strict=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint {tag} under {ckpt_root}")
+    align_optimizer_steps(getattr(engine, "optimizer", None))
+
+
+def _torch_optimizers(opt):
+    """The torch.optim optimizer(s) inside DeepSpeed's wrappers (ZeRO keeps the real one in `.optimizer`)."""
+    seen = 0
+    while opt is not None and seen < 4:
+        if isinstance(opt, torch.optim.Optimizer):
+            yield opt
+        opt, seen = getattr(opt, "optimizer", None), seen + 1
+
+
+def align_optimizer_steps(opt) -> int:
+    """Fused / capturable torch optimizers need their `step` counters on the parameters' device.
+    DeepSpeed's universal-checkpoint loader writes them as CPU tensors (found on 2 H200s: a 2 -> 1 GPU
+    resume failed in fused AdamW with "state_steps is on cpu"); torch's own load_state_dict would have
+    moved them. Returns how many counters were moved."""
+    moved = 0
+    for inner in _torch_optimizers(opt):
+        if not (inner.defaults.get("fused") or inner.defaults.get("capturable")):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                step = inner.state.get(p, {}).get("step")
+                if torch.is_tensor(step) and step.device != p.device:
+                    inner.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
+                    moved += 1
+    return moved
 
 
 def restore_rng(state: dict) -> None:

@@ -317,3 +317,24 @@ def test_nonfinite_loss_on_one_rank_halts_every_rank(tmp_path, cache):
     results = run_dist(_train_until_halt, 2, timeout=60, cfg=tiny_cfg(tmp_path / "r", cache, "train.max_steps=4"),
                        nan_rank=1)
     assert all("non-finite loss at step 2" in r and "halt" in r for r in results), results
+
+
+def test_fused_optimizer_step_counters_follow_the_parameters():
+    """A universal-checkpoint load leaves AdamW's `step` counters on the CPU; a fused optimizer on the GPU
+    then refuses to step (seen on 2 H200s). Here the parameters live on 'meta', the counter on the CPU."""
+    from types import SimpleNamespace
+
+    from lm.checkpoint import align_optimizer_steps
+
+    p = torch.nn.Parameter(torch.ones(3, device="meta"))
+    opt = torch.optim.AdamW([p], lr=0.1, capturable=True)
+    opt.state[p] = {"step": torch.tensor(4.0), "exp_avg": torch.zeros(3, device="meta")}
+    wrapper = SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt))  # engine.optimizer (ZeRO) -> torch optim
+    assert align_optimizer_steps(wrapper) == 1
+    assert opt.state[p]["step"].device == p.device
+    assert align_optimizer_steps(wrapper) == 0  # already aligned
+    q = torch.nn.Parameter(torch.ones(2, device="meta"))
+    plain = torch.optim.AdamW([q], lr=0.1)
+    plain.state[q] = {"step": torch.tensor(4.0)}
+    assert align_optimizer_steps(plain) == 0  # non-fused AdamW keeps CPU counters (torch's convention)
+    assert plain.state[q]["step"].device.type == "cpu"
