@@ -77,7 +77,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from lm.config import ConfigError, ModelConfig, RunConfig, from_dict
@@ -242,8 +241,8 @@ def _train_step_fn(cfg: ModelConfig, context: int, args, device: torch.device):
 
     def step():
         with _autocast(device):
-            out = model(inputs)
-            loss = F.cross_entropy(out.logits.reshape(-1, cfg.vocab_size), targets.reshape(-1)) + out.aux_loss
+            out = model(inputs, targets=targets, loss_chunk_tokens=args.loss_chunk_tokens)
+            loss = out.loss + out.aux_loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -287,6 +286,7 @@ def train_row(cfg: ModelConfig, context: int, args, device: torch.device) -> dic
     median = statistics.median(times)
     return {"batch": batch, "tokens": batch * context, "step_times_s": times,
             "activation_checkpointing": args.activation_checkpointing, "compile": args.compile, "tf32": not args.no_tf32,
+            "loss_chunk_tokens": args.loss_chunk_tokens,
             "tokens_per_s": batch * context / median, "backend": _backend_name(cfg.arch, seen),
             "peak_mem_gib": _peak_gib(device)}
 
@@ -489,6 +489,8 @@ def parse_args(argv):
                    help="also profile one training step per arch at this context (top kernels -> OUT_DIR/*_profile_ARCH.txt)")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile each block (both arms; default backend inductor)")
+    p.add_argument("--loss-chunk-tokens", type=int, default=0, metavar="N",
+                   help="LM head + cross-entropy N tokens at a time, without the full logits (both arms; 0 = full)")
     p.add_argument("--no-tf32", action="store_true", help="keep float32 matmuls in full fp32 (default: TF32 on CUDA)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in backward (both arms; for contexts whose activations do not fit)")
@@ -502,6 +504,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.compile and args.warmup < 2:
         p.error("--compile needs --warmup >= 2 (the first warm-up step runs eager, the second compiles)")
+    if args.loss_chunk_tokens < 0:
+        p.error("--loss-chunk-tokens must be >= 0 (0 = full logits)")
     if args.steps < 1 or args.warmup < 1 or args.tokens_per_step < 1 or args.prefill_chunk < 1:
         p.error("--steps, --warmup, --tokens-per-step and --prefill-chunk must be >= 1")
     return args

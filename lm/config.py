@@ -146,6 +146,9 @@ class TrainConfig:
     """torch.compile backend ('eager' only traces: what the CPU tests use)."""
     tf32: bool = True
     """CUDA: float32 matmuls on TF32 tensor cores (the key-to-codebook distances; bf16 autocast covers the rest)."""
+    loss_chunk_tokens: int = 0
+    """LM head + cross-entropy this many tokens at a time, without the full logits (0 = full logits).
+    Saves ~3 x tokens x vocab x 4 bytes per micro-batch (25 GiB at 131,072 tokens x 32K vocab)."""
     on_nonfinite: Literal["halt", "skip", "rollback"] = "halt"
     """Loss NaN/inf: halt with a message; skip the step's update (the bad micro-batch gives no gradient);
     or rollback to the last checkpoint and continue past the bad data. Every event is logged and counted."""
@@ -188,6 +191,10 @@ class RunConfig:
         _check(self.train.micro_batch_size >= 1 and self.train.grad_accum_steps >= 1,
                "train.micro_batch_size and train.grad_accum_steps must be >= 1")
         _check(self.train.max_steps >= 0, "train.max_steps must be >= 0")
+        _check(self.train.loss_chunk_tokens >= 0, "train.loss_chunk_tokens must be >= 0 (0 = full logits)")
+        _check(not (self.parallel.pipeline_stages > 1 and self.train.loss_chunk_tokens > 0),
+               "train.loss_chunk_tokens works without pipeline stages only (the pipeline's last stage computes the "
+               "loss from logits): set train.loss_chunk_tokens=0 or parallel.pipeline_stages=1")
         _check(self.parallel.zero_stage in (0, 1, 2, 3), "parallel.zero_stage must be 0, 1, 2 or 3")
         _check(self.parallel.pipeline_stages >= 1, "parallel.pipeline_stages must be >= 1")
         _check(not (self.parallel.pipeline_stages > 1 and self.parallel.zero_stage > 1),

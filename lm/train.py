@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 
 from lm import checkpoint
 from lm.config import ConfigError, RunConfig, dump_config, load_config
@@ -61,10 +60,6 @@ def parse_args(argv):
     return args
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
 @torch.no_grad()
 def grad_norm_of(module: torch.nn.Module) -> float:
     grads = [p.grad.float().norm() for p in module.parameters() if p.grad is not None]
@@ -72,7 +67,7 @@ def grad_norm_of(module: torch.nn.Module) -> float:
 
 
 @torch.no_grad()
-def evaluate_loss(model, sampler: WindowSampler, batches: int, batch_size: int, device) -> float:
+def evaluate_loss(model, sampler: WindowSampler, batches: int, batch_size: int, device, loss_chunk_tokens: int = 0) -> float:
     """Mean held-out loss over the first `batches` fixed windows (cheap in-training signal)."""
     was_training = model.training
     model.eval()
@@ -82,7 +77,7 @@ def evaluate_loss(model, sampler: WindowSampler, batches: int, batch_size: int, 
         if start + batch_size > sampler.n_windows:
             break
         x, y = sampler.samples(start, batch_size)
-        total += cross_entropy(model(x.to(device)).logits, y.to(device)).item()
+        total += model(x.to(device), targets=y.to(device), loss_chunk_tokens=loss_chunk_tokens).loss.item()
         count += 1
     model.train(was_training)
     return total / max(count, 1)
@@ -286,8 +281,8 @@ class Trainer:
             ce_sum, aux_sum, count = 0.0, 0.0, 0
             fallback_norm = cfg.parallel.zero_stage == 0 and not use_bf16(cfg.train, self.on_gpu)
             for m, (x, y) in enumerate(batches):
-                out = engine(x.to(self.device))
-                ce = cross_entropy(out.logits, y.to(self.device))
+                out = engine(x.to(self.device), targets=y.to(self.device), loss_chunk_tokens=cfg.train.loss_chunk_tokens)
+                ce = out.loss
                 loss = ce + out.aux_loss
                 if torch.isfinite(loss.detach()):
                     engine.backward(loss)
@@ -397,7 +392,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
                     scalars["train/mfu"] = fpt * tokens_per_step / dt / trainer.world / peak
                 if valid_sampler is not None and step % cfg.train.eval_every == 0:
                     scalars["valid/loss"] = evaluate_loss(trainer.engine.module, valid_sampler, cfg.train.eval_batches,
-                                                          micro, trainer.device)
+                                                          micro, trainer.device, cfg.train.loss_chunk_tokens)
                     scalars["valid/bpb"] = scalars["valid/loss"] / math.log(2)
                     scalars.update(_attention_mass(trainer.engine.module, valid_sampler, trainer.device))
             metrics.step(step, scalars, log_scalars=(step % cfg.train.log_every == 0 or step == cfg.train.max_steps))

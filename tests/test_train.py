@@ -96,3 +96,19 @@ def test_perplexity_cli_on_checkpoint(tmp_path, data_cache):
     assert math.isclose(r["ppl"], math.exp(r["nll_sum"] / r["tokens"]))
     assert math.isclose(r["bpb"], r["nll_sum"] / math.log(2) / r["bytes"])
     assert r["bpb"] < results["untrained"]["bpb"] - 1.0
+
+
+def test_chunked_loss_trains_like_full_logits(tmp_path, data_cache):
+    """train.loss_chunk_tokens: the same losses as the full-logits path (fp32, summation order only);
+    refused with pipeline stages."""
+    common = ("train.max_steps=4", "train.grad_accum_steps=2")
+    (full,) = run_dist(_train, world_size=1, cfg=tiny_cfg(tmp_path / "full", data_cache, *common))
+    (chunked,) = run_dist(_train, world_size=1, cfg=tiny_cfg(tmp_path / "chunk", data_cache, *common,
+                                                             "train.loss_chunk_tokens=24"))
+    assert len(chunked["losses"]) == 4
+    for a, b in zip(chunked["losses"], full["losses"]):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5), (chunked["losses"], full["losses"])
+    from lm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="loss_chunk_tokens"):
+        tiny_cfg(tmp_path / "pp", data_cache, "train.loss_chunk_tokens=24", "parallel.pipeline_stages=2")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lm.config import ModelConfig
@@ -13,16 +14,31 @@ from lm.model.common import FeedForward, RMSNorm
 from lm.model.longvq import LongVQMixer
 from lm.model.quantizer import VectorQuantizer
 from lm.model.transformer import SelfAttentionMixer
+from lm.ops.linear_ce import linear_cross_entropy
 
 MIXERS = {"longvq": LongVQMixer, "transformer": SelfAttentionMixer}
 
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # (B, T, V)
+    logits: Optional[Tensor]  # (B, T, V); None when the loss was computed chunk-wise without them
     aux_loss: Tensor  # scalar: weighted commitment losses summed over layers (0 for the Transformer)
     state: Optional[list] = None  # per-layer streaming state when return_state=True
     metrics: dict = field(default_factory=dict)  # detached per-layer diagnostics ("layer{i}/usage", ...)
+    loss: Optional[Tensor] = None  # mean cross-entropy against `targets`, when they were given
+
+
+class LMHead(nn.Linear):
+    """The output projection; given targets it returns the mean cross-entropy instead, optionally without
+    materialising the logits (lm/ops/linear_ce.py). Computing the loss inside the head's own forward keeps
+    its (possibly ZeRO-3-partitioned, possibly tied) weight gathered while it is used."""
+
+    def forward(self, h: Tensor, targets: Optional[Tensor] = None, chunk_tokens: int = 0) -> Tensor:
+        if targets is None:
+            return super().forward(h)
+        dev = h.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1), chunk_tokens, dtype)
 
 
 class Block(nn.Module):
@@ -45,7 +61,7 @@ class LanguageModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -58,7 +74,10 @@ class LanguageModel(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
 
-    def forward(self, tokens: Tensor, state: Optional[list] = None, return_state: bool = False) -> ModelOutput:
+    def forward(self, tokens: Tensor, state: Optional[list] = None, return_state: bool = False,
+                targets: Optional[Tensor] = None, loss_chunk_tokens: int = 0) -> ModelOutput:
+        """targets (B, T): also return the mean cross-entropy in `loss`. loss_chunk_tokens > 0 computes it
+        that many tokens at a time and returns no logits (memory of long contexts)."""
         if tokens.dtype != torch.long:
             raise TypeError(f"tokens must be int64 token ids, got {tokens.dtype}")
         x = self.embed(tokens)
@@ -69,8 +88,15 @@ class LanguageModel(nn.Module):
             aux = aux + a
             new_states.append(s)
             metrics.update({f"layer{i}/{k}": v for k, v in m.items()})
-        logits = self.head(self.norm(x))
-        return ModelOutput(logits, aux, new_states if return_state else None, metrics)
+        h = self.norm(x)
+        logits = loss = None
+        if targets is None or loss_chunk_tokens == 0:
+            logits = self.head(h)
+        if targets is not None:
+            loss = self.head(h, targets, loss_chunk_tokens) if loss_chunk_tokens else \
+                F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1]),
+                                targets.reshape(-1))
+        return ModelOutput(logits, aux, new_states if return_state else None, metrics, loss)
 
     def quantizers(self) -> list[VectorQuantizer]:
         return [vq for _, vq in self.named_quantizers()]
