@@ -162,6 +162,9 @@ class ParallelConfig:
     pipeline_stages: int = 1
     offload_optimizer: bool = False
     activation_checkpointing: bool = False
+    zero3_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's default, 1e5); 0
+    partitions every parameter (the tests use 0 so that tiny models really are partitioned)."""
 
 
 @dataclass(kw_only=True)

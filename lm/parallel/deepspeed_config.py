@@ -17,6 +17,8 @@ def build_deepspeed_config(train: TrainConfig, optim: OptimConfig, parallel: Par
         if parallel.zero_stage == 0:
             raise ValueError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if parallel.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = parallel.zero3_persistence_threshold
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
