@@ -60,6 +60,12 @@ class LongVQConfig:
     """Codes whose EMA count falls below this fraction of the mean are re-seeded by splitting busy codes (0 = off)."""
     normalize_keys: bool = True
     """RMS-normalise keys (no gain) before quantisation so the codebook sees a stable scale."""
+    key_norm: Literal["rms", "center_rms"] = "rms"
+    """How keys are normalised when normalize_keys is true. rms: RMS norm per head; center_rms: subtract the
+    per-head mean over the head dim first (LayerNorm without gain), removing the common-mode direction that
+    mostly-positive SiLU(z) gives all keys."""
+    query_norm: bool = False
+    """Also RMS-normalise q per head (no gain), as Transformer-VQ does (research/longvq_algorithm.md §A.3)."""
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
 

@@ -6,6 +6,7 @@ research/longvq_algorithm.md §A.3. With x the residual stream (B, T, D):
     m  = SiLU(EMA(xn))                                   damped multi-dimensional EMA (the SSM)
     u, z, r, hx = split(m W_mx)                          u = sigmoid (update gate), z, r = SiLU
     q = kappa_q * z + mu_q;  k = RMSNorm_nogain(kappa_k * z + mu_k)   per head
+        (options: key_norm=center_rms subtracts the per-head mean of k first; query_norm RMS-normalises q too)
     k_hat, codes = VQ(k)                                 straight-through, per-layer codebook
     a = vq_attention(q, k_hat, v, ...)                   causal chunked VQ attention (§B)
     h = SiLU(hx + (a * r) W_h)
@@ -43,6 +44,7 @@ class LongVQMixer(nn.Module):
         self.hidden = lv.hidden_dim or 2 * D
         self.n_heads, self.chunk_size = lv.n_heads, lv.chunk_size
         self.impl, self.normalize_keys, self.commit_beta = lv.attention_impl, lv.normalize_keys, lv.commit_beta
+        self.key_norm, self.query_norm = lv.key_norm, lv.query_norm
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.v_proj = nn.Linear(D, self.hidden)
         self.ema = MultiDimEMA(D, lv.ema_dim)
@@ -70,8 +72,10 @@ class LongVQMixer(nn.Module):
         dt = v.dtype  # the activation dtype (bf16 under autocast): fp32 affine params must not promote q/k
         q = (z * self.qk_scale[0] + self.qk_shift[0]).to(dt).view(B, T, H, dz // H)
         k = (z * self.qk_scale[1] + self.qk_shift[1]).to(dt).view(B, T, H, dz // H)
-        if self.normalize_keys:
-            k = rms_normalize(k)
+        if self.query_norm:
+            q = rms_normalize(q)
+        if self.normalize_keys:  # center_rms = LayerNorm without gain: zero mean, unit RMS per head
+            k = F.layer_norm(k, (k.shape[-1],), eps=1e-6) if self.key_norm == "center_rms" else rms_normalize(k)
         k_hat, codes, commit, metrics = self.quantizer(k)
         attn, attn_state = vq_attention(
             q, k_hat, v.view(B, T, H, E // H), codes, self.quantizer.codebook.to(q.dtype),
