@@ -219,18 +219,22 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path, cache):
 
 
 def _nan_at_step(step):
+    """Make the training loss of the step-th micro-batch NaN (the model's loss output, as the trainer reads it)."""
     def patch():
-        import lm.train as lt
+        from lm.model.lm import LanguageModel
 
-        real = lt.cross_entropy
+        real = LanguageModel.forward
         calls = {"n": 0}
 
-        def ce(logits, targets):
-            calls["n"] += 1
-            out = real(logits, targets)
-            return out * float("nan") if calls["n"] == step else out
+        def forward(self, tokens, *args, **kwargs):
+            out = real(self, tokens, *args, **kwargs)
+            if out.loss is not None:
+                calls["n"] += 1
+                if calls["n"] == step:
+                    out.loss = out.loss * float("nan")
+            return out
 
-        lt.cross_entropy = ce
+        LanguageModel.forward = forward
     return patch
 
 
