@@ -65,6 +65,10 @@ class LongVQConfig:
     per-head mean over the head dim first (LayerNorm without gain), removing the common-mode direction that
     mostly-positive SiLU(z) gives all keys."""
     query_norm: bool = False
+    local_raw_keys: bool = False
+    """Own and previous chunk attend with the exact (normalised, unquantised) keys; only the code cache
+    uses codewords (research/longvq_algorithm.md §E-2). Still linear time; default off (Transformer-VQ:
+    quantised everywhere)."""
     """Also RMS-normalise q per head (no gain), as Transformer-VQ does (research/longvq_algorithm.md §A.3)."""
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0

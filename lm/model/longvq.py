@@ -6,7 +6,8 @@ research/longvq_algorithm.md §A.3. With x the residual stream (B, T, D):
     m  = SiLU(EMA(xn))                                   damped multi-dimensional EMA (the SSM)
     u, z, r, hx = split(m W_mx)                          u = sigmoid (update gate), z, r = SiLU
     q = kappa_q * z + mu_q;  k = RMSNorm_nogain(kappa_k * z + mu_k)   per head
-        (options: key_norm=center_rms subtracts the per-head mean of k first; query_norm RMS-normalises q too)
+        (options: key_norm=center_rms subtracts the per-head mean of k first; query_norm RMS-normalises q too;
+         local_raw_keys gives the attention k instead of k_hat: exact keys locally, codewords in the cache)
     k_hat, codes = VQ(k)                                 straight-through, per-layer codebook
     a = vq_attention(q, k_hat, v, ...)                   causal chunked VQ attention (§B)
     h = SiLU(hx + (a * r) W_h)
@@ -44,7 +45,7 @@ class LongVQMixer(nn.Module):
         self.hidden = lv.hidden_dim or 2 * D
         self.n_heads, self.chunk_size = lv.n_heads, lv.chunk_size
         self.impl, self.normalize_keys, self.commit_beta = lv.attention_impl, lv.normalize_keys, lv.commit_beta
-        self.key_norm, self.query_norm = lv.key_norm, lv.query_norm
+        self.key_norm, self.query_norm, self.local_raw_keys = lv.key_norm, lv.query_norm, lv.local_raw_keys
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.v_proj = nn.Linear(D, self.hidden)
         self.ema = MultiDimEMA(D, lv.ema_dim)
@@ -77,12 +78,13 @@ class LongVQMixer(nn.Module):
         if self.normalize_keys:  # center_rms = LayerNorm without gain: zero mean, unit RMS per head
             k = F.layer_norm(k, (k.shape[-1],), eps=1e-6) if self.key_norm == "center_rms" else rms_normalize(k)
         k_hat, codes, commit, metrics = self.quantizer(k)
+        keys = k if self.local_raw_keys else k_hat  # local attention keys; the cache always uses codewords
         attn, attn_state = vq_attention(
-            q, k_hat, v.view(B, T, H, E // H), codes, self.quantizer.codebook.to(q.dtype),
+            q, keys, v.view(B, T, H, E // H), codes, self.quantizer.codebook.to(q.dtype),
             chunk_size=self.chunk_size, bias=self.rel_bias, state=None if state is None else state.attn,
             return_state=return_state, impl=self.impl)
         if self.capture:  # lm.ops.vq_diagnostics.attention_mass_split(**self.captured, chunk_size=C)
-            self.captured = dict(q=q.detach(), k_hat=k_hat.detach(), v=v.view(B, T, H, E // H).detach(), codes=codes,
+            self.captured = dict(q=q.detach(), k_hat=keys.detach(), v=v.view(B, T, H, E // H).detach(), codes=codes,
                                  codebook=self.quantizer.codebook.to(q.dtype), bias=self.rel_bias.detach())
         h = F.silu(hx + self.h_proj(attn.reshape(B, T, E) * r))
         out = x + u * (self.dropout(h) - x)

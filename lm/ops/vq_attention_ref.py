@@ -60,11 +60,12 @@ class VQAttentionState:
 
 @dataclass
 class DenseAttentionState:
-    """The dense oracle's state: the whole history of quantized keys and values (O(T) memory)."""
+    """The dense oracle's state: the whole history of keys, codes and values (O(T) memory)."""
 
     pos: int
-    k: Tensor  # (B, H, P, Dk)
+    k: Tensor  # (B, H, P, Dk) the keys as given (quantized, or raw with local_raw_keys)
     v: Tensor  # (B, H, P, Dv)
+    codes: Tensor  # (B, H, P)
 
 
 def empty_state(q: Tensor, v: Tensor, codebook: Tensor) -> VQAttentionState:
@@ -105,28 +106,33 @@ def _check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias):
 def dense_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codebook: Tensor, *,
                        chunk_size: int, bias: Optional[Tensor] = None, scale: Optional[float] = None,
                        state: Optional[DenseAttentionState] = None, return_state: bool = False):
-    """O(T^2) softmax attention over quantized keys with the chunked form's bias and gradient rules."""
+    """O(T^2) softmax attention with the chunked form's rules: keys of the own and previous chunk as
+    given (k_hat: quantized with a straight-through gradient, or raw keys), keys further back as their
+    codewords codebook[codes] (no gradient), plus the local bias."""
     _check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias)
     B, T, H, Dk = q.shape
     C = chunk_size
     scale = Dk ** -0.5 if scale is None else scale
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k_hat, v))  # (B, H, T, D)
+    zh = codes.transpose(1, 2)  # (B, H, T)
     P = 0 if state is None else state.pos
     if state is not None:
         kh = torch.cat([state.k.to(kh.dtype), kh], dim=2)
         vh = torch.cat([state.v.to(vh.dtype), vh], dim=2)
+        zh = torch.cat([state.codes, zh], dim=2)
     dev = q.device
+    k_far = codebook.detach().to(kh.dtype)[torch.arange(H, device=dev)[None, :, None], zh]  # (B, H, P+T, Dk)
     qpos = torch.arange(P, P + T, device=dev)
     kpos = torch.arange(0, P + T, device=dev)
     dist = qpos[:, None] - kpos[None, :]  # (T, P+T)
     near = (qpos[:, None] // C - kpos[None, :] // C) <= 1
-    s = torch.where(near, qh @ kh.transpose(-1, -2), qh @ kh.detach().transpose(-1, -2)).to(_acc_dtype(q)) * scale
+    s = torch.where(near, qh @ kh.transpose(-1, -2), qh @ k_far.transpose(-1, -2)).to(_acc_dtype(q)) * scale
     if bias is not None:
         in_window = (dist >= 0) & (dist <= C)
         s = s + torch.where(in_window, bias[:, dist.clamp(0, C)], bias.new_zeros(()))[None].to(s.dtype)
     s = s.masked_fill(dist < 0, float("-inf"))
     out = torch.softmax(s.to(_acc_dtype(q)), dim=-1).to(vh.dtype) @ vh
-    new_state = DenseAttentionState(pos=P + T, k=kh.detach(), v=vh.detach()) if return_state else None
+    new_state = DenseAttentionState(pos=P + T, k=kh.detach(), v=vh.detach(), codes=zh) if return_state else None
     return out.transpose(1, 2), new_state
 
 
