@@ -15,15 +15,17 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() e
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped otherwise)")
+    config.addinivalue_line("markers", "triton_interpret: a gpu test that also runs on the CPU with TRITON_INTERPRET=1")
     config.addinivalue_line("markers", "slow: longer end-to-end tests")
 
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not (interpret and "triton_interpret" in item.keywords):
             item.add_marker(skip)
 
 

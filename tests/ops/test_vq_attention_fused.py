@@ -1,4 +1,6 @@
-"""GPU tests of the fused (Triton) VQ attention against the pure-PyTorch chunked reference.
+"""Tests of the fused (Triton) VQ attention against the pure-PyTorch chunked reference: on a CUDA GPU, or on
+the CPU under Triton's interpreter (TRITON_INTERPRET=1, fp32 only; tests/ops/test_fused_interpreter.py runs
+this module that way in CI, so the kernels' arithmetic is checked on every change, not only on the GPU).
 
 Tolerances, as relative error ||fused - ref|| / ||ref|| per tensor (outputs and the gradients of q,
 k_hat, v and bias under a random upstream gradient):
@@ -11,15 +13,21 @@ k_hat, v and bias under a random upstream gradient):
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from lm.ops.vq_attention_ref import chunked_vq_attention
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
+DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.triton_interpret,
+    pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET), reason="needs a CUDA GPU (or TRITON_INTERPRET=1)"),
 ]
+gpu_only = pytest.mark.skipif(INTERPRET, reason="CUDA-specific (dispatch on CUDA tensors, bf16)")
 
 triton = pytest.importorskip("triton")
 from lm.ops import vq_attention_fused as fz  # noqa: E402
@@ -42,8 +50,8 @@ def rel(a, b):
 
 
 def make_inputs(B, T, H, Dk, Dv, S, C, dtype, with_bias, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    dev = DEVICE
     codebook = torch.randn(H, S, Dk, device=dev, generator=g)
     codes = torch.randint(0, S, (B, T, H), device=dev, generator=g)
     k_hat = codebook[torch.arange(H, device=dev)[None, None, :], codes].to(dtype)
@@ -71,17 +79,17 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=gpu_only)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_fused_matches_reference(shape, dtype, with_bias):
     B, T, H, Dk, Dv, S, C = shape
     q, k_hat, v, codes, cb, bias = make_inputs(B, T, H, Dk, Dv, S, C, dtype, with_bias)
-    assert fz.supports(q, v, C, None)
-    grad = torch.randn(B, T, H, Dv, device="cuda")
+    assert fz.supports(q, v, C, None) or INTERPRET
+    grad = torch.randn(B, T, H, Dv, device=DEVICE)
     # bias=None: the reference is given an all-zero bias (same function; its bias=None path builds
     # CPU zeros and fails on CUDA), the fused kernel runs its no-bias variant.
-    ref_bias = bias if bias is not None else torch.zeros(H, C + 1, device="cuda")
+    ref_bias = bias if bias is not None else torch.zeros(H, C + 1, device=DEVICE)
     ref = run(chunked_vq_attention, q, k_hat, v, codes, cb, ref_bias, C, grad, upcast=True)
     got = run(fz.fused_vq_attention, q, k_hat, v, codes, cb, bias, C, grad)
     names = ["out", "dq", "dk", "dv", "dbias"]
@@ -95,7 +103,7 @@ def test_fused_matches_reference(shape, dtype, with_bias):
 def test_bias_gradient_atomic_fallback():
     """The tile-atomic dbias path (CONFIG['bias_grad']=0) gives the same gradients."""
     q, k_hat, v, codes, cb, bias = make_inputs(1, 64 * 4 + 3, 2, 64, 64, 64, 64, torch.float32, True, seed=3)
-    grad = torch.randn(1, 64 * 4 + 3, 2, 64, device="cuda")
+    grad = torch.randn(1, 64 * 4 + 3, 2, 64, device=DEVICE)
     ref = run(chunked_vq_attention, q, k_hat, v, codes, cb, bias, 64, grad)
     old = fz.CONFIG["bias_grad"]
     try:
@@ -124,7 +132,7 @@ def test_streaming_equals_one_pass(T1, T2):
         assert (a is None) == (b is None), f
         if a is not None:
             assert a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-4), f
-    assert fz.supports(q, v, C, s1)
+    assert fz.supports(q, v, C, s1) or INTERPRET
     o2, s2 = fz.fused_vq_attention(q[:, sl2], k_hat[:, sl2], v[:, sl2], codes[:, sl2], cb, chunk_size=C,
                                    bias=bias, state=s1, return_state=True)
     assert rel(torch.cat([o1, o2], dim=1), ref) <= 1e-5
@@ -135,7 +143,7 @@ def test_streaming_equals_one_pass(T1, T2):
             assert a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-4), f
 
     # gradients of the second piece with the state given equal the reference's
-    grad = torch.randn(2, T2, H, D, device="cuda")
+    grad = torch.randn(2, T2, H, D, device=DEVICE)
     args = [x[:, sl2] for x in (q, k_hat, v, codes)]
     got = run(fz.fused_vq_attention, *args[:3], args[3], cb, bias, C, grad, state=s1)
     want = run(chunked_vq_attention, *args[:3], args[3], cb, bias, C, grad, state=r1)
@@ -143,6 +151,7 @@ def test_streaming_equals_one_pass(T1, T2):
         assert rel(a, b) <= 1e-4
 
 
+@gpu_only
 def test_supports_and_fallback():
     from lm.ops.vq_attention import resolve_impl, vq_attention
 
