@@ -100,6 +100,19 @@ def test_fused_matches_reference(shape, dtype, with_bias):
         assert err <= TOL[dtype], f"{name}: rel err {err:.2e} > {TOL[dtype]:.0e}"
 
 
+def test_fused_matches_reference_with_raw_local_keys():
+    """model.longvq.local_raw_keys: the local keys are not codewords; the kernel takes any key tensor for
+    the own / previous chunk and codewords only for the cache, like the reference."""
+    B, T, H, Dk, Dv, S, C = 2, 64 * 3 + 5, 2, 32, 64, 64, 64
+    q, _, v, codes, cb, bias = make_inputs(B, T, H, Dk, Dv, S, C, torch.float32, True, seed=9)
+    k_raw = torch.randn(B, T, H, Dk, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(1))
+    grad = torch.randn(B, T, H, Dv, device=DEVICE)
+    ref = run(chunked_vq_attention, q, k_raw, v, codes, cb, bias, C, grad)
+    got = run(fz.fused_vq_attention, q, k_raw, v, codes, cb, bias, C, grad)
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], got, ref):
+        assert rel(a, b) <= TOL[torch.float32], name
+
+
 def test_bias_gradient_atomic_fallback():
     """The tile-atomic dbias path (CONFIG['bias_grad']=0) gives the same gradients."""
     q, k_hat, v, codes, cb, bias = make_inputs(1, 64 * 4 + 3, 2, 64, 64, 64, 64, torch.float32, True, seed=3)
