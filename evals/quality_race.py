@@ -394,14 +394,13 @@ def train_arm(cfg: ModelConfig, optim: OptimConfig, context: int, sampler: Windo
     opt = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2),
                             eps=optim.eps, fused=device.type == "cuda")
     budget = args.budget_minutes * 60.0
-    V = cfg.vocab_size
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def fwd_bwd(x, y, scale):
         with tp._autocast(device):
-            out = model(x)
-            ce = F.cross_entropy(out.logits.float().reshape(-1, V), y.reshape(-1))
+            out = model(x, targets=y)
+            ce = out.loss
             loss = ce + out.aux_loss
         (loss * scale).backward()
         return ce.detach()

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lm.config import ModelConfig
@@ -14,7 +13,7 @@ from lm.model.common import FeedForward, RMSNorm
 from lm.model.longvq import LongVQMixer
 from lm.model.quantizer import VectorQuantizer
 from lm.model.transformer import SelfAttentionMixer
-from lm.ops.linear_ce import linear_cross_entropy
+from lm.ops.linear_ce import linear_cross_entropy, logits_cross_entropy
 
 MIXERS = {"longvq": LongVQMixer, "transformer": SelfAttentionMixer}
 
@@ -93,9 +92,7 @@ class LanguageModel(nn.Module):
         if targets is None or loss_chunk_tokens == 0:
             logits = self.head(h)
         if targets is not None:
-            loss = self.head(h, targets, loss_chunk_tokens) if loss_chunk_tokens else \
-                F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1]),
-                                targets.reshape(-1))
+            loss = self.head(h, targets, loss_chunk_tokens) if loss_chunk_tokens else logits_cross_entropy(logits, targets)
         return ModelOutput(logits, aux, new_states if return_state else None, metrics, loss)
 
     def quantizers(self) -> list[VectorQuantizer]:

@@ -30,9 +30,14 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def logits_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of logits (..., V) against targets (...), softmax in float32 at least."""
+    return F.cross_entropy(logits.to(_acc(logits.dtype)).reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
 def _reference(h: Tensor, w: Tensor, targets: Tensor, dtype: torch.dtype) -> Tensor:
-    logits = (h.to(dtype) @ w.to(dtype).t()).to(_acc(dtype))
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    return logits_cross_entropy(h.to(dtype) @ w.to(dtype).t(), targets)
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
@@ -94,4 +99,4 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk_tokens: in
     return _ChunkedLinearCE.apply(h, w, targets, chunk_tokens, dtype)
 
 
-__all__ = ["linear_cross_entropy", "IGNORE_INDEX"]
+__all__ = ["linear_cross_entropy", "logits_cross_entropy", "IGNORE_INDEX"]

@@ -12,10 +12,10 @@ from the same seed, so a pipeline and the plain model start from identical weigh
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lm.model.lm import LanguageModel
+from lm.ops.linear_ce import logits_cross_entropy
 
 
 class EmbeddingPipe(nn.Module):
@@ -65,7 +65,7 @@ class PipelineLoss:
 
     def __call__(self, outputs, labels: Tensor) -> Tensor:
         logits, aux = outputs
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        ce = logits_cross_entropy(logits, labels)
         self.ce_sum += float(ce.detach())
         self.aux_sum += float(aux.detach().sum())
         self.count += 1
