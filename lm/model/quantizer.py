@@ -39,7 +39,6 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("stat_sum", torch.zeros(n_heads, codebook_size, dim))
         self.register_buffer("stat_count", torch.zeros(n_heads, codebook_size))
         self.register_buffer("stat_err", torch.zeros(2))  # sum ||k - c_z||^2, sum ||k||^2 (diagnostics)
-        self.accumulate_stats = True  # False: training forwards leave the statistics alone
         self.batch_metrics = False  # eval forwards also report this batch's code usage / perplexity / error
 
     stat_names = ("stat_count", "stat_sum", "stat_err")
@@ -71,7 +70,7 @@ class VectorQuantizer(nn.Module):
         quant = cb[head, codes]  # (B, T, H, d) float32
         k_hat = k + (quant.to(k.dtype) - k).detach()
         commit = (k.float() - quant).pow(2).sum(-1).mean()
-        if self.training and torch.is_grad_enabled() and self.accumulate_stats:
+        if self.training and torch.is_grad_enabled():
             with torch.autocast(k.device.type, enabled=False):
                 self.accumulate(kf, codes, quant)
                 if self.init_keys is None and self.needs_init():
