@@ -13,6 +13,19 @@ Modes (the evaluation protocol is part of the result, so it is printed and saved
             (LongVQ: EMA + VQ cache, unbounded context at constant memory; Transformer: a growing
             KV cache).
 Totals are corpus-level: ppl = exp(sum NLL / tokens scored), never a mean of per-window perplexities.
+
+Scored span (one convention for every unit): the stream's first token has no prediction (nothing comes
+before it), so it is context only and the scored span is the text after it: tokens[1:n], every one
+scored exactly once in every mode. nll_sum is summed over that span and each per-unit figure divides it
+by the units of that same span:
+  ppl      = exp(nll_sum / tokens),  tokens = n - 1
+  bpb      = nll_sum / ln 2 / bytes, bytes  = bytes of the text after the first token
+  word_ppl = exp(nll_sum / words),   words  = word count (lm.data.wikitext.count_words: whitespace-
+             separated words + one end-of-line per line) of the text after the first token, i.e. the
+             split's count minus the words and end-of-lines lying wholly inside the first token (a word the
+             first token only begins is partly scored and stays counted).
+For WikiText-103 raw this drops nothing: every split starts with the blank line " \n" and its first token
+(the space, at byte level) holds no word, so the test split still has the 245,569 words fairseq reports.
 """
 
 from __future__ import annotations
@@ -29,6 +42,8 @@ import torch.nn.functional as F
 
 from evals.common import load_for_eval, pick_device
 from lm.data import load_stream
+from lm.data.tokenizer import BYTE, load_tokenizer
+from lm.data.wikitext import count_words
 
 
 def parse_args(argv):
@@ -114,6 +129,53 @@ def score_carry(model, tokens: torch.Tensor, segment: int, device, progress=Fals
     return total
 
 
+def first_token_units(first: bytes, after: bytes) -> tuple[int, int]:
+    """(bytes, words) of a text that lie wholly inside its first token, the one that is never scored.
+
+    `first` is the first token's text and `after` the text that follows it (the start of the scored span;
+    it may stop early, but is empty only if the scored span is), both UTF-8. Words are counted as
+    lm.data.wikitext.count_words counts them, so `n_words - words` is the word count of the scored span:
+    the first token's end-of-lines and the words ending inside it are dropped, while a word the first
+    token only begins (it ends in `after`) is in the span and stays counted.
+    """
+    a, b = first.decode("utf-8", errors="replace"), after.decode("utf-8", errors="replace")
+    if not b:  # the scored span holds no text
+        return len(first), count_words(a)
+    # count_words(a + b) - count_words(b) is the same for every non-empty `after` that starts like the real
+    # remainder: the split words differ by the words ending inside `first`, the end-of-lines by
+    # first.count("\n"), and the unterminated-last-line term cancels.
+    return len(first), count_words(a + b) - count_words(b)
+
+
+def _stream_tokenizer(data_cfg):
+    """The tokenizer that made the stream (to read back the text of its first tokens), or None."""
+    spec, fingerprint = getattr(data_cfg, "tokenizer", BYTE), None
+    if data_cfg.dataset == "tokens":
+        meta = json.loads((Path(data_cfg.data_path) / "meta.json").read_text())
+        spec, fingerprint = meta.get("tokenizer", BYTE), meta.get("tokenizer_fingerprint")
+    try:
+        tokenizer = load_tokenizer(spec)
+    except (FileNotFoundError, RuntimeError, ValueError):
+        return None
+    if fingerprint is not None and tokenizer.fingerprint != fingerprint:
+        return None
+    return tokenizer
+
+
+def _first_token_units(tokens, tokenizer) -> tuple[int, int] | None:
+    """first_token_units of a token stream (>= 2 tokens), or None when its text cannot be split there."""
+    if tokenizer.name == BYTE:
+        return first_token_units(bytes(tokens[:1].tolist()), bytes(tokens[1:].tolist()))
+    first, k = tokenizer.decode(tokens[:1]), 2
+    while True:
+        head = tokenizer.decode(tokens[:k])
+        if not head.startswith(first):  # a tokenizer whose decoding is not a plain concatenation
+            return None
+        if len(head) > len(first) or k >= len(tokens):
+            return first_token_units(first.encode("utf-8"), head[len(first):].encode("utf-8"))
+        k = min(len(tokens), 2 * k)
+
+
 def evaluate(args) -> dict:
     device = pick_device(args.device)
     model, cfg, ckpt = load_for_eval(args.checkpoint, device, untrained=args.untrained)
@@ -138,8 +200,19 @@ def evaluate(args) -> dict:
         nll = score_sliding(model, tokens, context, stride, device, show)
     else:
         nll = score_carry(model, tokens, context, device, show)
-    scored = n - 1
-    n_bytes = scored if stream.vocab_size == 256 else round(stream.n_bytes * scored / max(1, len(stream.tokens) - 1))
+    scored = n - 1  # tokens[1:n]: the first token is context only (see the module docstring)
+    first_units = None  # (bytes, words) of the text only the unscored first token holds
+    whole = n == len(stream.tokens)  # the whole split is scored (no --max-tokens cut)
+    if whole and (stream.vocab_size != 256 or stream.n_words):
+        tokenizer = _stream_tokenizer(data_cfg)
+        if tokenizer is not None:
+            first_units = _first_token_units(stream.tokens[:min(len(stream.tokens), 64)], tokenizer)
+    if stream.vocab_size == 256:
+        n_bytes = scored
+    elif whole and first_units is not None:
+        n_bytes = stream.n_bytes - first_units[0]
+    else:  # a prefix of the stream (or text that cannot be read back): its share of the bytes
+        n_bytes = round(stream.n_bytes * scored / max(1, len(stream.tokens) - 1))
     result = {
         "dataset": data_cfg.dataset, "split": args.split, "mode": args.mode, "context_len": context,
         "stride": stride if args.mode == "sliding" else None,
@@ -149,9 +222,16 @@ def evaluate(args) -> dict:
         "params": sum(p.numel() for p in model.parameters()), "device": str(device),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    if stream.n_words and args.max_tokens is None:
-        result["words"] = stream.n_words
-        result["word_ppl"] = math.exp(nll / stream.n_words)
+    if stream.n_words and whole:
+        if first_units is None:
+            print(f"warning: no word_ppl: the text of {stream.name}'s first token cannot be read back (its "
+                  f"tokenizer is missing or does not decode by concatenation), so the scored words are unknown",
+                  file=sys.stderr)
+        else:
+            words = stream.n_words - first_units[1]  # words of the scored span, not of the whole split
+            if words > 0:
+                result["words"] = words
+                result["word_ppl"] = math.exp(nll / words)
     return result
 
 
