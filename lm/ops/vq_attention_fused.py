@@ -11,12 +11,13 @@ Design (FlashAttention-2 style, one online softmax per query over three parts):
     blocks (score q.c*scale + log N, value Ubar), over the previous chunk's keys (bias b[i+C-j] where
     i + C - j <= C) and over the own chunk's keys causally (bias b[i-j]); keeps acc, running max and
     sum; stores out and the base-2 log-sum-exp. Scores never exceed one (BM x BN) tile;
-  * backward: delta = rowsum(dO * O) (torch); kernel dq (per query block: recompute p, dS; dq, and the
-    bias gradient as diagonal sums of each dS tile, folded with tl.gather and added atomically);
+  * backward, all in kernels (no fp32 copies of q/k/v-sized tensors in torch): delta = rowsum(dO * O);
+    kernel dcache (per chunk and code block: dUbar = p_cache^T dO), turned in place by a suffix-scan
+    kernel into the gradient of each chunk's value sums, dSum[r'] = sum_{r >= r'+2} dUbar[r] / max(N[r], 1);
+    kernel dq (per query block: recompute p, dS; dq, and the bias gradient as diagonal sums of each dS
+    tile, folded with tl.gather and added atomically into one partial row per (b, h, chunk));
     kernel dk/dv (per key block: queries of the own chunk at or after the key and all queries of the
-    next chunk); kernel dcache (per chunk and code block: dUbar = p_cache^T dO). dUbar reaches v in
-    torch: dSum[r'] = sum_{r >= r'+2} dUbar[r] / max(N[r], 1) (reverse cumsum), gathered at each
-    token's (chunk, code).
+    next chunk, plus dSum gathered at the key's (chunk, code)), storing in the input dtype.
 With a state (pos % C == 0) the state's previous chunk is prepended to the keys/values (key offset
 KOFF = C) and the state's cache seeds the prefix sums; the new state is built exactly as the reference.
 
@@ -199,7 +200,7 @@ def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
     dq = tl.zeros([BL, DK], tl.float32)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
-    db_ptr = DBIAS + h * (C + 1)
+    db_ptr = DBIAS + (bh * R + r) * (C + 1)  # partial row of this (b, h, chunk)
     NT: tl.constexpr = 2 * C // BL
     bt_off = tl.arange(0, BL)[:, None] * BL + offs_n[None, :]
 
@@ -260,11 +261,11 @@ def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DKo, DVo,
+def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, CODES, DSUM, DKo, DVo,
                      s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
-                     s_gkb, s_gkt, s_gkh, s_gvb, s_gvt, s_gvh,
+                     s_cb, s_ct, s_ch, s_gkb, s_gkt, s_gkh, s_gvb, s_gvt, s_gvh,
                      T, KOFF, H, R, qk_scale, sm_scale,
-                     HAS_BIAS: tl.constexpr, C: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                      DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
                      PREC: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -333,9 +334,15 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DKo, DVo,
         dsT = pT * (dpT - delta[None, :])
         gk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
 
+    # the cache path: each key's value also entered the per-code means of chunks r + 2, ...; DSUM holds
+    # that gradient per (chunk, code) (_bwd_cache_suffix_kernel), gathered here at the key's code
+    code = tl.load(CODES + b * s_cb + h * s_ch + k_real * s_ct, mask=k_ok, other=0)
+    gv += tl.load(DSUM + ((bh * R + r) * S + code)[:, None] * DV + dv_[None, :], mask=k_ok[:, None], other=0.0)
     gk = gk * sm_scale
-    tl.store(DKo + b * s_gkb + h * s_gkh + k_real[:, None] * s_gkt + dk_[None, :], gk, mask=k_ok[:, None])
-    tl.store(DVo + b * s_gvb + h * s_gvh + k_real[:, None] * s_gvt + dv_[None, :], gv, mask=k_ok[:, None])
+    tl.store(DKo + b * s_gkb + h * s_gkh + k_real[:, None] * s_gkt + dk_[None, :], gk.to(DKo.dtype.element_ty),
+             mask=k_ok[:, None])
+    tl.store(DVo + b * s_gvb + h * s_gvh + k_real[:, None] * s_gvt + dv_[None, :], gv.to(DVo.dtype.element_ty),
+             mask=k_ok[:, None])
 
 
 @triton.jit
@@ -372,6 +379,43 @@ def _bwd_dcache_kernel(Q, CB, LOGN, DO, LSE, DU,
             pT = tl.where(q_ok[None, :], tl.exp2(sT - lse[None, :]), 0.0)
             gu += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
     tl.store(DU + ((bh * R + r) * S + s_idx)[:, None] * DV + dv_[None, :], gu)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, T, H, R,
+                      C: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr):
+    """DELTA[bh, t] = sum_d dO[b, t, h, d] * O[b, t, h, d] in fp32 (0 for the padding rows t >= T)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    t = pid * BM + tl.arange(0, BM)
+    ok = t < T
+    dv = tl.arange(0, DV)
+    o = tl.load(O + b * s_ob + h * s_oh + t[:, None] * s_ot + dv[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + t[:, None] * s_dt + dv[None, :], mask=ok[:, None], other=0.0)
+    tl.store(DELTA + bh * (R * C) + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1))
+
+
+@triton.jit
+def _bwd_cache_suffix_kernel(DU, CNT, R, S: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr):
+    """In place, per (bh, element of the (S, DV) table): DU[r'] <- sum_{r >= r'+2} DU[r] / max(N[r], 1).
+
+    Ubar[r] = Sum[r] / max(N[r], 1) with Sum[r] the sum over chunks <= r - 2, so the gradient of chunk
+    r''s value sums is this lag-2 suffix sum; one sequential pass from the last chunk, exact in fp32."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    e = pid * BLOCK + tl.arange(0, BLOCK)
+    code = e // DV
+    acc = tl.zeros([BLOCK], tl.float32)
+    pending = tl.zeros([BLOCK], tl.float32)  # g[r' + 1]
+    for i in range(0, R):
+        rr = R - 1 - i
+        base = (bh * R + rr) * S
+        g = tl.load(DU + base * DV + e) / tl.maximum(tl.load(CNT + base + code), 1.0)
+        tl.store(DU + base * DV + e, acc)
+        acc += pending
+        pending = g
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,14 +522,18 @@ class _FusedVQAttention(torch.autograd.Function):
         Dv = vx.shape[-1]
         R, Sp = logn.shape[1], cb.shape[1]
         dev = q.device
-        do = grad_out.contiguous()
-        delta = torch.zeros(B * H, R * C, dtype=torch.float32, device=dev)
-        delta.view(B, H, R * C)[:, :, :T] = (do.float() * out.float()).sum(-1).transpose(1, 2)
+        do = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        delta = torch.empty(B * H, R * C, dtype=torch.float32, device=dev)
+        _bwd_delta_kernel[(R * (C // BLK), B * H)](
+            out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            T, H, R, C=C, DV=Dv, BM=BLK, num_warps=4)
         prec = _grid_cfg(q.dtype)
         nw, ns = CONFIG["bwd_warps"], CONFIG["stages"]
 
         dq = torch.empty_like(q)
-        dbias = torch.zeros(H, C + 1, dtype=torch.float32, device=dev) if has_bias else bt
+        # bias gradient: one partial row per (b, h, chunk) (the atomics of a chunk's query blocks only
+        # contend with each other), summed over b and chunks afterwards
+        dbias = torch.zeros(B, H, R, C + 1, dtype=torch.float32, device=dev) if has_bias else bt
         def launch_dq(gather):
             _bwd_dq_kernel[(R * (C // BLK), B * H)](
                 q, kx, vx, cb, logn, ubar, bt, do, lse, delta, dq, dbias,
@@ -506,35 +554,31 @@ class _FusedVQAttention(torch.autograd.Function):
         else:
             launch_dq(CONFIG["bias_grad"] if has_bias else 0)
 
-        gk = torch.empty(B, T, H, Dk, dtype=torch.float32, device=dev)
-        gv = torch.empty(B, T, H, Dv, dtype=torch.float32, device=dev)
-        _bwd_dkdv_kernel[(R * (C // BLK), B * H)](
-            q, kx, vx, btt, do, lse, delta, gk, gv,
-            q.stride(0), q.stride(1), q.stride(2), kx.stride(0), kx.stride(1), kx.stride(2),
-            vx.stride(0), vx.stride(1), vx.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            gk.stride(0), gk.stride(1), gk.stride(2), gv.stride(0), gv.stride(1), gv.stride(2),
-            T, koff, H, R, scale * LOG2E, scale,
-            HAS_BIAS=has_bias, C=C, DK=Dk, DV=Dv, BN=BLK, BM=BLK, PREC=prec,
-            num_warps=nw, num_stages=ns)
-
+        # cache gradient first (dUbar per chunk and code), turned in place into the gradient of each chunk's
+        # value sums, which the dk/dv kernel gathers at every key's code
         du = torch.empty(B * H, R, Sp, Dv, dtype=torch.float32, device=dev)
         _bwd_dcache_kernel[(R * (Sp // BLK), B * H)](
             q, cb, logn, do, lse, du,
             q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
             T, H, R, scale * LOG2E,
             C=C, S=Sp, DK=Dk, DV=Dv, BS=BLK, BM=BLK, PREC=prec, num_warps=nw, num_stages=ns)
+        blk = 1024
+        _bwd_cache_suffix_kernel[(Sp * Dv // blk, B * H)](du, cnt, R, S=Sp, DV=Dv, BLOCK=blk, num_warps=4)
 
-        # Ubar[r] = Sum[r] / max(N[r], 1), Sum[r] = sum_{r' <= r-2} sums[r']  =>  dsums[r'] = sum_{r >= r'+2} dUbar[r] / max(N[r], 1)
-        g = du.div_(cnt.clamp(min=1)[..., None])
-        g = g.flip(1).cumsum(1).flip(1)
-        dsums = F.pad(g[:, 2:], (0, 0, 0, 0, 0, 2))  # (BH, R, Sp, Dv)
-        r_idx = torch.arange(T, device=dev) // C
-        bh = (torch.arange(B, device=dev)[:, None] * H + torch.arange(H, device=dev)[None, :])[:, None, :]
-        idx = ((bh * R + r_idx[None, :, None]) * Sp + codes).reshape(-1)
-        gv += dsums.view(-1, Dv).index_select(0, idx).view(B, T, H, Dv)
+        gk = torch.empty(B, T, H, Dk, dtype=q.dtype, device=dev)
+        gv = torch.empty(B, T, H, Dv, dtype=vx.dtype, device=dev)
+        _bwd_dkdv_kernel[(R * (C // BLK), B * H)](
+            q, kx, vx, btt, do, lse, delta, codes, du, gk, gv,
+            q.stride(0), q.stride(1), q.stride(2), kx.stride(0), kx.stride(1), kx.stride(2),
+            vx.stride(0), vx.stride(1), vx.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            codes.stride(0), codes.stride(1), codes.stride(2),
+            gk.stride(0), gk.stride(1), gk.stride(2), gv.stride(0), gv.stride(1), gv.stride(2),
+            T, koff, H, R, scale * LOG2E, scale,
+            HAS_BIAS=has_bias, C=C, S=Sp, DK=Dk, DV=Dv, BN=BLK, BM=BLK, PREC=prec,
+            num_warps=nw, num_stages=ns)
 
-        dbias_out = dbias.to(bias_dtype) if has_bias else None
-        return (dq, gk.to(q.dtype), gv.to(vx.dtype), dbias_out) + (None,) * 9
+        dbias_out = dbias.sum((0, 2)).to(bias_dtype) if has_bias else None
+        return (dq, gk, gv, dbias_out) + (None,) * 9
 
 
 @torch.compiler.disable  # under torch.compile: an opaque call (Dynamo does not trace the Triton launches);
