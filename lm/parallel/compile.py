@@ -16,10 +16,20 @@ from torch import nn
 
 
 def compile_blocks(blocks, backend: str = "inductor") -> None:
+    """Compile each block's forward. The block's `forward` becomes a small switch between the compiled
+    and the original forward (`eager_blocks` flips it), so wrappers applied later around `forward`
+    (activation checkpointing) stay in place in both modes."""
     for block in blocks:
         if not getattr(block, "_compiled", False):
-            block._eager_forward = block.forward
-            block.forward = torch.compile(block.forward, backend=backend, dynamic=False)
+            eager = block.forward
+            compiled = torch.compile(eager, backend=backend, dynamic=False)
+
+            def forward(*args, _block=block, **kwargs):
+                run = _block._eager_forward if _block._run_eager else _block._compiled_forward
+                return run(*args, **kwargs)
+
+            block._eager_forward, block._compiled_forward, block._run_eager = eager, compiled, False
+            block.forward = forward
             block._compiled = True
 
 
@@ -37,14 +47,14 @@ def maybe_compile(model: nn.Module, enabled: bool, backend: str) -> None:
 
 @contextlib.contextmanager
 def eager_blocks(model: nn.Module):
-    """Inside: compiled blocks run their original eager forward. No-op for a model never compiled."""
-    swapped = []
-    for block in getattr(model, "blocks", []):
-        if getattr(block, "_compiled", False):
-            swapped.append((block, block.forward))
-            block.forward = block._eager_forward
+    """Inside: compiled blocks run their original eager forward (under any wrapper applied after
+    compiling, e.g. activation checkpointing). No-op for a model never compiled."""
+    blocks = [b for b in getattr(model, "blocks", []) if getattr(b, "_compiled", False)]
+    previous = [b._run_eager for b in blocks]
+    for block in blocks:
+        block._run_eager = True
     try:
         yield model
     finally:
-        for block, compiled in swapped:
-            block.forward = compiled
+        for block, prev in zip(blocks, previous):
+            block._run_eager = prev

@@ -37,16 +37,37 @@ def test_longvq_block_compiles_to_one_graph_for_all_layers():
     torch.testing.assert_close(model(x).logits.detach(), ref)
 
 
-def test_eager_blocks_restores_the_python_forward():
+def test_eager_blocks_runs_the_python_forward_under_later_wrappers():
+    """eager_blocks switches the compiled blocks to their original forward, also when activation
+    checkpointing wrapped them after compiling (it once swapped `forward` back and thereby dropped the
+    checkpointing wrapper: a benchmark's eager first step ran without it and ran out of memory at 128K)."""
+    from lm.parallel.activation_checkpointing import apply_activation_checkpointing
+
     model = build_model(_cfg("transformer"))
+    calls = []
+
+    def recording(name, fn):
+        return lambda *a, **k: (calls.append(name), fn(*a, **k))[1]
+
     originals = [b.forward for b in model.blocks]
+    for b, orig in zip(model.blocks, originals):  # record which forward runs
+        b.forward = recording("eager", orig)
     compile_blocks(model.blocks, backend="eager")
-    compiled = [b.forward for b in model.blocks]
+    for b, orig in zip(model.blocks, originals):
+        b._compiled_forward = recording("compiled", orig)
+    apply_activation_checkpointing(model.blocks)
+    wrapped = [b.forward for b in model.blocks]
+    x = torch.randint(0, 64, (2, 16))
     with eager_blocks(model):
-        assert [b.forward for b in model.blocks] == originals
-    assert [b.forward for b in model.blocks] == compiled
+        assert [b.forward for b in model.blocks] == wrapped  # the checkpointing wrapper stays
+        model(x).logits.float().sum().backward()
+    assert calls and set(calls) == {"eager"}
+    calls.clear()
+    model(x).logits.float().sum().backward()
+    assert calls and set(calls) == {"compiled"}
+    assert all(b._activation_checkpointed for b in model.blocks)
     plain = build_model(_cfg("transformer"))
-    with eager_blocks(plain):  # never compiled: nothing to swap
+    with eager_blocks(plain):  # never compiled: nothing to switch
         assert not any(getattr(b, "_compiled", False) for b in plain.blocks)
 
 
