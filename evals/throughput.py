@@ -73,6 +73,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -251,7 +252,7 @@ def _train_step_fn(cfg: ModelConfig, context: int, args, device: torch.device):
     return batch, step, model
 
 
-def profile_step(cfg: ModelConfig, context: int, args, device: torch.device, rows: int = 45) -> str:
+def profile_step(cfg: ModelConfig, context: int, args, device: torch.device, rows: int = 80) -> str:
     """torch.profiler table (device time, top kernels) of one training step after two warm-ups."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -260,11 +261,18 @@ def profile_step(cfg: ModelConfig, context: int, args, device: torch.device, row
     step()
     _sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True, with_stack=True) as prof:
         step()
         _sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+    by_op = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+    # where the eager copies and element-wise ops come from: the same events by input shape and by the
+    # Python stack that issued them (ops inside compiled graphs show the graph's frame)
+    by_shape = prof.key_averages(group_by_input_shape=True).table(
+        sort_by=key, row_limit=rows // 2, max_name_column_width=40, max_shapes_column_width=90)
+    by_stack = prof.key_averages(group_by_stack_n=4).table(
+        sort_by=key, row_limit=rows // 2, max_name_column_width=40, max_src_column_width=110)
+    return f"{by_op}\n\nBy input shape:\n{by_shape}\n\nBy Python stack (4 frames):\n{by_stack}"
 
 
 def train_row(cfg: ModelConfig, context: int, args, device: torch.device) -> dict:
@@ -357,6 +365,10 @@ def measure(fn, cfg, context, args, device) -> dict:
         ran = sdpa.last_backend if cfg.arch == "transformer" else None
         requested = cfg.transformer.attn_backend if cfg.arch == "transformer" else cfg.longvq.attention_impl
         result = {"tokens_per_s": None, "backend": ran or requested, "peak_mem_gib": _peak_gib(device), "error": error}
+        if error == "OOM":  # which allocation failed, and where (the innermost frames of this project)
+            frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)
+                      if "/lm/" in f.filename or "/evals/" in f.filename]
+            result["error_detail"] = f"{str(exc).splitlines()[0][:160] if str(exc) else ''} at {' < '.join(frames[::-1][:4])}"
     _free(device)  # the traceback's frames are gone here, so their tensors can be released
     return result
 
