@@ -57,7 +57,12 @@ class LongVQConfig:
     """first_batch: the first optimizer step sets the codebook to S keys of the first micro-batch
     (quickstart, 2026-11-29: test bpb 2.274 vs 2.259 with random init: no gain there; for collapse studies)."""
     dead_code_threshold: float = 0.1
-    """Codes whose EMA count falls below this fraction of the mean are re-seeded by splitting busy codes (0 = off)."""
+    """Codes whose EMA count falls below this fraction of the mean are re-seeded (0 = off), as dead_code_reseed says."""
+    dead_code_reseed: Literal["split", "batch"] = "split"
+    """split: a dead code becomes a perturbed copy of a busy code (LBG splitting). batch: it moves onto one of
+    the keys of the step's first micro-batch that the codebook serves worst (largest quantisation error;
+    rank 0's keys under data parallelism), so codes follow where the keys are (issue 7: with splitting the
+    copies sat next to busy codes and held-out keys still used 1-30 % of the codes)."""
     normalize_keys: bool = True
     """RMS-normalise keys (no gain) before quantisation so the codebook sees a stable scale."""
     key_norm: Literal["rms", "center_rms"] = "rms"

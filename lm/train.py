@@ -304,8 +304,7 @@ class Trainer:
         all_reduce_codebook_stats([vq for _, vq in self.quantizers], self.dp_group)
         if bad_total > 0 or count == 0:
             for _, vq in self.quantizers:  # statistics of a skipped step are dropped with it
-                for name in vq.stat_names:
-                    getattr(vq, name).zero_()
+                vq.reset_stats()
             self._nonfinite(f"{int(bad_total)} non-finite micro-batch(es)")
             self.step += 1
             self.consumed += micro * accum * self.dp

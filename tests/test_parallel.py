@@ -114,6 +114,20 @@ def test_first_batch_codebook_init_is_identical_on_every_rank(tmp_path, cache, s
     torch.testing.assert_close(results[0]["losses"], ref["losses"], rtol=1e-5, atol=1e-5)
 
 
+def test_batch_reseeding_keeps_codebooks_identical_on_every_rank(tmp_path, cache):
+    """dead_code_reseed=batch moves dead codes onto rank 0's worst-served keys (broadcast with the statistics),
+    so every rank's codebook is the same and equals one process with the same global batch."""
+    # threshold 0.9 of the mean count: some codes are re-seeded at every step of this short run
+    opts = ("model.longvq.dead_code_reseed=batch", "model.longvq.dead_code_threshold=0.9")
+    results = _run(tmp_path, cache, "reseed", 2, "parallel.zero_stage=1", *opts)
+    ref = _run(tmp_path, cache, "reseed1", 1, "train.grad_accum_steps=2", *opts)[0]
+    assert_same_codebooks(results[1:], results[0], atol=0)
+    assert_same_codebooks(results, ref, atol=1e-5)
+    split = _run(tmp_path, cache, "split1", 1, "train.grad_accum_steps=2", "model.longvq.dead_code_threshold=0.9")[0]
+    with pytest.raises(AssertionError):  # and the re-seeding really ran: not the codebooks of splitting
+        assert_same_codebooks([ref], split, atol=1e-3)
+
+
 def test_compiled_blocks_give_the_same_losses(tmp_path, cache, single):
     """train.compile wires torch.compile per block (the 'eager' backend traces without generating code)."""
     (r,) = _run(tmp_path, cache, "compiled", 1, "train.grad_accum_steps=2", "train.compile=true",

@@ -54,7 +54,8 @@ class LongVQMixer(nn.Module):
         self.qk_shift = nn.Parameter(torch.zeros(2, lv.z_dim))
         self.rel_bias = nn.Parameter(torch.zeros(lv.n_heads, lv.chunk_size + 1))
         self.quantizer = VectorQuantizer(lv.n_heads, lv.codebook_size, lv.z_dim // lv.n_heads, lv.codebook_decay,
-                                         dead_code_threshold=lv.dead_code_threshold, init=lv.codebook_init)
+                                         dead_code_threshold=lv.dead_code_threshold, init=lv.codebook_init,
+                                         dead_code_reseed=lv.dead_code_reseed)
         self.h_proj = nn.Linear(self.hidden, D)
         self.hidden_dropout = nn.Dropout(lv.hidden_dropout)
         self.dropout = nn.Dropout(cfg.dropout)

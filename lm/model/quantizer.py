@@ -22,10 +22,13 @@ def code_usage_perplexity(counts: Tensor) -> tuple[Tensor, Tensor]:
 
 class VectorQuantizer(nn.Module):
     def __init__(self, n_heads: int, codebook_size: int, dim: int, decay: float = 0.99, eps: float = 1e-2,
-                 dead_code_threshold: float = 0.1, init: str = "random"):
+                 dead_code_threshold: float = 0.1, init: str = "random", dead_code_reseed: str = "split"):
         super().__init__()
         if init not in ("random", "first_batch"):
             raise ValueError(f"codebook init must be 'random' or 'first_batch', got {init!r}")
+        if dead_code_reseed not in ("split", "batch"):
+            raise ValueError(f"dead_code_reseed must be 'split' or 'batch', got {dead_code_reseed!r}")
+        self.dead_code_reseed = dead_code_reseed
         self.n_heads, self.codebook_size, self.dim = n_heads, codebook_size, dim
         self.decay, self.eps, self.dead_code_threshold = decay, eps, dead_code_threshold
         self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
@@ -34,6 +37,10 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(int(init == "random"), dtype=torch.long))
         self.init_keys = None  # (H, S, d) pending sample for the first update
         self._init_done = init == "random"  # Python mirror of `initialized`: forwards never read the buffer (sync)
+        # dead_code_reseed="batch": the keys of the step's first training micro-batch that its codebook
+        # serves worst (largest quantisation error), (H, n, d), pending for apply_update (like init_keys,
+        # the trainer broadcasts rank 0's, so replicas agree)
+        self.reseed_keys = None
         self.register_buffer("c_sum", torch.randn(n_heads, codebook_size, dim))
         self.register_buffer("c_count", torch.ones(n_heads, codebook_size))
         self.register_buffer("stat_sum", torch.zeros(n_heads, codebook_size, dim))
@@ -75,6 +82,8 @@ class VectorQuantizer(nn.Module):
                 self.accumulate(kf, codes, quant)
                 if self.init_keys is None and self.needs_init():
                     self.init_keys = self._sample_keys(kf)
+                if self.reseed_keys is None and self.dead_code_reseed == "batch" and self.dead_code_threshold > 0:
+                    self.reseed_keys = self._worst_served_keys(kf, quant)
         metrics = {"commit": commit.detach()}
         if self.training or not self.batch_metrics:  # training reads the step's synchronised step_metrics()
             return k_hat, codes, commit, metrics
@@ -101,6 +110,21 @@ class VectorQuantizer(nn.Module):
         return flat[idx].transpose(0, 1).contiguous()  # (H, S, d)
 
     @torch.no_grad()
+    def _worst_served_keys(self, k: Tensor, quant: Tensor) -> Tensor:
+        """Per head, the min(S, N) keys with the largest quantisation error, largest first: (H, n, d)."""
+        H, d = self.n_heads, self.dim
+        flat = k.reshape(-1, H, d)
+        err = (flat - quant.reshape(-1, H, d)).pow(2).sum(-1)  # (N, H)
+        idx = err.topk(min(self.codebook_size, err.shape[0]), dim=0).indices  # (n, H)
+        return flat[idx, torch.arange(H, device=k.device)[None, :]].transpose(0, 1).contiguous()
+
+    def reset_stats(self) -> None:
+        """Drop this step's statistics (and a pending re-seeding sample) without updating the codebook."""
+        for name in self.stat_names:
+            getattr(self, name).zero_()
+        self.reseed_keys = None
+
+    @torch.no_grad()
     def accumulate(self, k: Tensor, codes: Tensor, quant: Tensor) -> None:
         H = self.n_heads
         self.stat_err[0] += (k - quant).pow(2).sum().to(self.stat_err.dtype)
@@ -122,6 +146,7 @@ class VectorQuantizer(nn.Module):
     def apply_update(self) -> None:
         """One EMA k-means step from the accumulated (already all-reduced) statistics, then reset them."""
         if float(self.stat_count.sum()) == 0.0:
+            self.reseed_keys = None
             return
         if self.init_keys is not None and self.needs_init():
             self.c_sum.copy_(self.init_keys)  # statistics of the random codebook are discarded
@@ -129,17 +154,37 @@ class VectorQuantizer(nn.Module):
             self.initialized.fill_(1)
             self._init_done = True
             self.init_keys = None
-            for name in self.stat_names:
-                getattr(self, name).zero_()
+            self.reset_stats()
             return
         g = self.decay
         self.c_sum.mul_(g).add_(self.stat_sum, alpha=1 - g)
         self.c_count.mul_(g).add_(self.stat_count, alpha=1 - g)
-        for name in self.stat_names:
-            getattr(self, name).zero_()
+        reseed_keys = self.reseed_keys
+        self.reset_stats()
         self.n_updates += 1
         if self.dead_code_threshold > 0:
-            self.split_dead_codes()
+            if self.dead_code_reseed == "batch":
+                if reseed_keys is not None and bool(torch.isfinite(reseed_keys).all()):
+                    self.reseed_dead_codes(reseed_keys)
+            else:
+                self.split_dead_codes()
+
+    @torch.no_grad()
+    def reseed_dead_codes(self, keys: Tensor) -> None:
+        """Move codes whose EMA count fell below threshold * mean count onto the given keys (H, n, d),
+        deadest code first onto the worst-served key; each gets count threshold * mean, so a code that
+        attracts no keys in the next step is moved again. A pure function of the (synchronised)
+        buffers and keys: replicas stay identical."""
+        keys = keys.to(self.c_sum)
+        for h in range(self.n_heads):
+            count = self.c_count[h]
+            floor = self.dead_code_threshold * count.mean()
+            dead = (count < floor).nonzero().flatten()
+            dead = dead[count[dead].argsort(stable=True)][: keys.shape[1]]
+            if dead.numel() == 0:
+                continue
+            self.c_count[h, dead] = floor
+            self.c_sum[h, dead] = keys[h, : dead.numel()] * floor
 
     @torch.no_grad()
     def split_dead_codes(self) -> None:

@@ -49,18 +49,19 @@ def init_distributed():
 
 def all_reduce_codebook_stats(quantizers, group=None) -> None:
     """Sum every layer's (count, sum) statistics over the data-parallel group in one collective;
-    pending first-batch codebook samples are taken from the group's first rank."""
+    pending key samples (first-batch initialisation, dead-code re-seeding) are taken from the group's first rank."""
     if not quantizers or not tdist.is_initialized() or tdist.get_world_size(group) == 1:
         return
-    pending = [vq for vq in quantizers if vq.init_keys is not None]
+    pending = [(vq, name) for vq in quantizers for name in ("init_keys", "reseed_keys") if getattr(vq, name, None) is not None]
     if pending:
-        flat = torch.cat([vq.init_keys.reshape(-1) for vq in pending])
+        flat = torch.cat([getattr(vq, name).reshape(-1) for vq, name in pending])
         src = 0 if group is None else tdist.get_global_rank(group, 0)
         tdist.broadcast(flat, src=src, group=group)
         offset = 0
-        for vq in pending:
-            vq.init_keys = flat[offset: offset + vq.init_keys.numel()].view_as(vq.init_keys)
-            offset += vq.init_keys.numel()
+        for vq, name in pending:
+            sample = getattr(vq, name)
+            setattr(vq, name, flat[offset: offset + sample.numel()].view_as(sample))
+            offset += sample.numel()
     tensors = [t for vq in quantizers for t in (vq.stat_count, vq.stat_sum)]
     flat = torch.cat([t.reshape(-1).float() for t in tensors])
     tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, group=group)

@@ -1,5 +1,6 @@
 """Quantizer: straight-through gradient, EMA k-means update semantics, dead-code splitting."""
 
+import pytest
 import torch
 
 from lm.model.quantizer import VectorQuantizer
@@ -73,3 +74,65 @@ def test_first_batch_init_uses_keys_of_the_first_batch():
     vq(k)
     vq.apply_update()  # from now on: ordinary EMA updates
     assert int(vq.n_updates) == 1
+
+
+def test_batch_reseeding_moves_dead_codes_onto_the_worst_served_keys_of_the_first_micro_batch():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(n_heads=2, codebook_size=6, dim=3, decay=0.9, dead_code_threshold=0.1,
+                         dead_code_reseed="batch").train()
+    with torch.no_grad():  # codes 0-2 alive near the origin, codes 3-5 dead (counts 0.05, 0.04, 0.03)
+        vq.c_count.copy_(torch.tensor([[10.0, 10.0, 10.0, 0.05, 0.04, 0.03]]).expand(2, -1))
+        words = torch.randn(2, 6, 3) * 0.1
+        words[:, 3:] += 100.0  # dead codes far away: no key is assigned to them
+        vq.c_sum.copy_(words * vq.c_count[..., None])
+    k1 = torch.randn(1, 16, 2, 3)
+    k1[0, 5, 0] = torch.tensor([9.0, 0.0, 0.0])  # head 0: far from every code, so the worst served
+    k1[0, 11, 0] = torch.tensor([0.0, -7.0, 0.0])  # second worst
+    cb = vq.codebook.clone()
+    vq(k1)
+    vq(torch.randn(1, 16, 2, 3) * 20)  # second micro-batch of the step: not sampled
+    counts_before = vq.c_count * vq.decay + vq.stat_count * (1 - vq.decay)
+    vq.apply_update()
+    err = (k1[0, :, :, None, :] - cb[None]).pow(2).sum(-1).min(-1).values  # (T, H) error against the old codebook
+    for h in range(2):
+        worst = k1[0, err[:, h].argsort(descending=True), h]
+        dead = counts_before[h].argsort()  # deadest first
+        dead = dead[counts_before[h, dead] < 0.1 * counts_before[h].mean()]
+        assert dead.numel() >= 3
+        torch.testing.assert_close(vq.codebook[h, dead], worst[: dead.numel()])
+    torch.testing.assert_close(vq.codebook[0, 5], torch.tensor([9.0, 0.0, 0.0]))  # deadest -> worst key
+    assert vq.reseed_keys is None and float(vq.stat_count.sum()) == 0
+    _, codes, _, _ = vq.eval()(k1)
+    assert int(codes[0, 5, 0]) == 5  # the far key now has its own code
+
+
+def test_batch_reseeding_keeps_the_codes_in_use_on_clustered_keys():
+    """Random initial codebook, keys in 8 tight clusters: with dead codes moved onto badly served keys every
+    code ends up in use and the quantisation error is as low as with splitting."""
+    def run(mode):
+        torch.manual_seed(0)
+        vq = VectorQuantizer(n_heads=1, codebook_size=16, dim=4, decay=0.9, dead_code_threshold=0.1,
+                             dead_code_reseed=mode).train()
+        centers = torch.randn(8, 4) * 3.0
+        for step in range(40):
+            g = torch.Generator().manual_seed(step)
+            k = centers[torch.randint(0, 8, (256,), generator=g)] + 0.3 * torch.randn(256, 4, generator=g)
+            vq(k.view(1, 256, 1, 4))
+            vq.apply_update()
+        _, codes, _, _ = vq.eval()(k.view(1, 256, 1, 4))
+        err = (k - vq.codebook[0, codes[0, :, 0]]).pow(2).sum(-1).mean()
+        return len(codes.unique()), float(err)
+
+    (used, err), (_, err_split) = run("batch"), run("split")
+    assert used >= 14
+    assert err <= 1.5 * err_split and err < 0.5  # cluster spread: 4 x 0.3^2 = 0.36
+
+
+def test_reset_stats_drops_a_pending_reseed_sample():
+    vq = VectorQuantizer(n_heads=1, codebook_size=4, dim=2, dead_code_reseed="batch").train()
+    vq(torch.randn(1, 8, 1, 2))
+    assert vq.reseed_keys is not None and vq.reseed_keys.shape == (1, 4, 2)
+    vq.reset_stats()
+    assert vq.reseed_keys is None and float(vq.stat_count.sum()) == 0
+    with pytest.raises(ValueError, match="dead_code_reseed"):
+        VectorQuantizer(n_heads=1, codebook_size=4, dim=2, dead_code_reseed="random")
