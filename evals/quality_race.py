@@ -49,7 +49,10 @@ Evaluation, per arm, after training (eval mode, autocast as in training):
                   quantisation error ||k - c_z|| / ||k||, and the dead-code fraction of the EMA counts.
   attention mass  (LongVQ) per layer on the first --mass-windows held-out windows: share of softmax mass
                   on the own chunk, the previous chunk and the code cache (lm.ops.vq_diagnostics), over
-                  all queries and over queries at positions >= 2C (those that have a cache).
+                  all queries and over queries at positions >= 2C (those that have a cache); and the mean
+                  entropy of each query's attention over its slots against flat attention (q.k = 0) of
+                  the same query: the mass split alone cannot tell flat attention from sharp attention
+                  whose targets are spread evenly over the window, the entropy can.
 During training: train loss every step (vs step and vs time), held-out loss on the first --val-tokens of
 the valid split at --val-points evenly spaced times, LongVQ codebook statistics every --log-every steps.
 
@@ -309,6 +312,7 @@ def attention_mass(model, window: torch.Tensor, device: torch.device) -> list[di
         late = summarize_mass(split, 2 * C)
         edges = linear_edges(T, C)
         out.append({"layer": i, "own": split["own"], "prev": split["prev"], "cache": split["cache"],
+                    "entropy": split["entropy"], "entropy_flat": split["entropy_flat"],
                     "beyond_2C": late,
                     "cache_per_head_beyond_2C": summarize_mass(split, 2 * C, per_head=True)["cache"],
                     "cache_by_chunk_bucket": {"edges": edges, "cache": [
@@ -412,8 +416,7 @@ def train_arm(cfg: ModelConfig, optim: OptimConfig, context: int, sampler: Windo
         fwd_bwd(_to_device(x, device), _to_device(y, device), 1.0)
         opt.zero_grad(set_to_none=True)
         for vq in model.quantizers():
-            for name in vq.stat_names:
-                getattr(vq, name).zero_()
+            vq.reset_stats()
     tp._sync(device)
     warmup_s = time.perf_counter() - t0
 
@@ -584,8 +587,8 @@ def write_markdown(result: dict, path: Path) -> None:
         L.append("")
     L += ["## Codebook health and attention mass (LongVQ, held-out)", "",
           "| context | layer | codes used (mean / min head) | code perplexity (of S) | rel. quant. error | dead (EMA) | "
-          "mass own / prev / cache (all queries) | cache share, queries >= 2C |",
-          "|---|---|---|---|---|---|---|---|"]
+          "mass own / prev / cache (all queries) | cache share, queries >= 2C | attention entropy / flat (nats) |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: r["context"]):
         ev = r.get("eval") or {}
         if r["arch"] != "longvq" or not ev:
@@ -596,7 +599,8 @@ def write_markdown(result: dict, path: Path) -> None:
             late = (m.get("beyond_2C") or {}).get("cache")
             L.append(f"| {r['context']} | {c['layer']} | {c['usage']:.3f} / {c['usage_min_head']:.3f} | "
                      f"{c['perplexity']:.1f} ({c['codebook_size']}) | {c['rel_error']:.3f} | {_f(c['dead_codes_ema'], '.3f')} | "
-                     f"{_f(m.get('own'), '.3f')} / {_f(m.get('prev'), '.3f')} / {_f(m.get('cache'), '.3f')} | {_f(late, '.3f')} |")
+                     f"{_f(m.get('own'), '.3f')} / {_f(m.get('prev'), '.3f')} / {_f(m.get('cache'), '.3f')} | {_f(late, '.3f')} | "
+                     f"{_f(m.get('entropy'), '.2f')} / {_f(m.get('entropy_flat'), '.2f')} |")
     L += ["", "## Targets (issue 7)", ""]
     for ctx, s in summary.items():
         ratio = s.get("bpb_ratio_longvq_over_transformer")

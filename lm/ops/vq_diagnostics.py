@@ -41,6 +41,10 @@ def attention_mass_split(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, cod
         per_position            {region: (T,) float64 CPU tensor}, mean over batch and heads
         per_head                {region: (H,) float64 CPU tensor}, mean over batch and positions
         per_head_position       {region: (H, T) float64 CPU tensor}, mean over batch
+        entropy, entropy_flat   mean entropy (nats) of each query's distribution over its slots (own keys,
+                                previous keys, codes), and of the flat distribution (q.k = 0, no bias) of
+                                the same query; per_head also holds both per head. entropy/entropy_flat
+                                near 1: the attention is flat; near 0: each query picks a few keys
         chunk_size, codebook_size, tokens
     Memory is O(B H T (2C + S)) for the scores: call it on one or a few windows.
     """
@@ -72,10 +76,21 @@ def attention_mass_split(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, cod
         s_prev = (qb @ kp.transpose(-1, -2)) * scale + b_prev[None, :, None]
         s_prev = s_prev.masked_fill(~prev_valid[:, None, None], float("-inf"))
         s_cache = torch.einsum("bhrcd,hsd->bhrcs", qb, codebook.detach().to(acc)) * scale + log_n[:, :, :, None, :]
-        p = torch.softmax(torch.cat([s_pres, s_prev, s_cache], dim=-1), dim=-1)
+        scores = torch.cat([s_pres, s_prev, s_cache], dim=-1)
+        p = torch.softmax(scores, dim=-1)
         mass = [x.sum(-1).reshape(B, H, R * C)[:, :, :T].double() for x in p.split([C, C, S], dim=-1)]
+        # sharpness: entropy of the query's distribution over its slots (own keys, previous keys, codes)
+        # against the flat attention of the same query (q.k = 0, no bias: each visible token weighted
+        # alike, a code by its count). The mass split of content-based attention whose targets are spread
+        # evenly over the window equals the flat one too, so only the entropy tells flat from sharp.
+        flat = torch.where(torch.isinf(scores), scores, torch.zeros_like(scores))
+        flat[..., 2 * C:] = log_n[:, :, :, None, :].expand_as(s_cache)
+        ent = [(-(torch.softmax(x, -1) * torch.log_softmax(x, -1)).nan_to_num().sum(-1)).reshape(B, H, R * C)[:, :, :T]
+               for x in (scores, flat)]
     out: dict = {"chunk_size": C, "codebook_size": S, "tokens": T, "per_position": {}, "per_head": {},
                  "per_head_position": {}}
+    out["entropy"], out["entropy_flat"] = (float(e.double().mean()) for e in ent)
+    out["per_head"]["entropy"], out["per_head"]["entropy_flat"] = (e.double().mean(dim=(0, 2)).cpu() for e in ent)
     for name, m in zip(REGIONS, mass):
         out[name] = float(m.mean())
         hp = m.mean(dim=0).cpu()  # (H, T)

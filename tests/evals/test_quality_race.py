@@ -222,6 +222,49 @@ def test_mass_split_matches_dense_brute_force(T, C, with_bias):
         assert late["cache"] is None
 
 
+def brute_force_entropy(q, k_hat, codes, C, bias=None, flat=False):
+    """Mean entropy over (b, h, i) of the query's distribution over its slots: each own / previous-chunk key,
+    and each code of the cache (tokens of chunks <= r - 2 grouped by code). flat: q.k = 0 and no bias."""
+    B, T, H, D = q.shape
+    s = torch.einsum("bihd,bjhd->bhij", q.double(), k_hat.double()) * D ** -0.5
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    dist = i - j
+    if bias is not None:
+        s = s + torch.where((dist >= 0) & (dist <= C), bias.double()[:, dist.clamp(0, C)], torch.zeros((), dtype=torch.float64))[None]
+    if flat:
+        s = torch.zeros_like(s)
+    p = torch.softmax(s.masked_fill(dist < 0, float("-inf")), dim=-1)
+    total = 0.0
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                slots = [float(p[b, h, t, u]) for u in range(t + 1) if u // C >= t // C - 1]
+                far = [u for u in range(t + 1) if u // C <= t // C - 2]
+                for z in set(int(codes[b, u, h]) for u in far):
+                    slots.append(sum(float(p[b, h, t, u]) for u in far if int(codes[b, u, h]) == z))
+                total += -sum(x * math.log(x) for x in slots if x > 0)
+    return total / (B * H * T)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_attention_entropy_matches_brute_force(with_bias):
+    torch.manual_seed(3)
+    B, T, H, D, S, C = 1, 23, 2, 8, 5, 4
+    codebook = torch.randn(H, S, D, dtype=torch.float64)
+    codes = torch.randint(0, S, (B, T, H))
+    k_hat = codebook[torch.arange(H)[None, None], codes]
+    q = 3 * torch.randn(B, T, H, D, dtype=torch.float64)
+    bias = torch.randn(H, C + 1, dtype=torch.float64) if with_bias else None
+    split = attention_mass_split(q, k_hat, torch.randn(B, T, H, 3, dtype=torch.float64), codes, codebook,
+                                 chunk_size=C, bias=bias)
+    assert split["entropy"] == pytest.approx(brute_force_entropy(q, k_hat, codes, C, bias), rel=1e-9)
+    assert split["entropy_flat"] == pytest.approx(brute_force_entropy(q, k_hat, codes, C, flat=True), rel=1e-9)
+    assert split["entropy"] < split["entropy_flat"]  # scaled-up random queries are sharper than flat
+    sharp = attention_mass_split(q * 0, k_hat, torch.randn(B, T, H, 3, dtype=torch.float64), codes, codebook, chunk_size=C)
+    assert sharp["entropy"] == pytest.approx(sharp["entropy_flat"], rel=1e-12)  # q = 0, no bias: flat
+    assert len(split["per_head"]["entropy"]) == H
+
+
 def test_capture_is_off_by_default_and_feeds_the_diagnostic(tiny_model_config, one_thread):
     torch.manual_seed(1)
     model = build_model(tiny_model_config("longvq", impl="chunked")).eval()
