@@ -70,11 +70,15 @@ class LongVQConfig:
     per-head mean over the head dim first (LayerNorm without gain), removing the common-mode direction that
     mostly-positive SiLU(z) gives all keys."""
     query_norm: bool = False
+    """Also RMS-normalise q per head (no gain), as Transformer-VQ does (research/longvq_algorithm.md §A.3)."""
+    query_temperature: bool = False
+    """Learn a log-scale per head on the queries (init 0: the fixed 1/sqrt(d) scale). With RMS-normalised
+    queries and keys the logits q.k/sqrt(d) are otherwise bounded by sqrt(d) (8 at head dim 64), so a query
+    cannot single out one key among hundreds; this is QK-norm's learnable gain."""
     local_raw_keys: bool = False
     """Own and previous chunk attend with the exact (normalised, unquantised) keys; only the code cache
     uses codewords (research/longvq_algorithm.md §E-2). Still linear time; default off (Transformer-VQ:
     quantised everywhere)."""
-    """Also RMS-normalise q per head (no gain), as Transformer-VQ does (research/longvq_algorithm.md §A.3)."""
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
 
@@ -177,6 +181,9 @@ class ParallelConfig:
     pipeline_stages: int = 1
     offload_optimizer: bool = False
     activation_checkpointing: bool = False
+    activation_checkpointing_blocks: int = 0
+    """With activation_checkpointing: recompute only the first N blocks (0 = all). Fewer blocks recompute
+    less and keep more activations (Megatron's recompute_num_layers)."""
     zero3_persistence_threshold: int = 100_000
     """ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's default, 1e5); 0
     partitions every parameter (the tests use 0 so that tiny models really are partitioned)."""
@@ -214,6 +221,9 @@ class RunConfig:
                "train.loss_chunk_tokens works without pipeline stages only (the pipeline's last stage computes the "
                "loss from logits): set train.loss_chunk_tokens=0 or parallel.pipeline_stages=1")
         _check(self.parallel.zero_stage in (0, 1, 2, 3), "parallel.zero_stage must be 0, 1, 2 or 3")
+        _check(0 <= self.parallel.activation_checkpointing_blocks <= self.model.n_layers,
+               f"parallel.activation_checkpointing_blocks must be between 0 (all blocks) and model.n_layers "
+               f"({self.model.n_layers}), got {self.parallel.activation_checkpointing_blocks}")
         _check(self.parallel.pipeline_stages >= 1, "parallel.pipeline_stages must be >= 1")
         _check(not (self.parallel.pipeline_stages > 1 and self.parallel.zero_stage > 1),
                "parallel.pipeline_stages > 1 works only with parallel.zero_stage 0 or 1: ZeRO-2/3 partition "

@@ -7,6 +7,7 @@ research/longvq_algorithm.md §A.3. With x the residual stream (B, T, D):
     u, z, r, hx = split(m W_mx)                          u = sigmoid (update gate), z, r = SiLU
     q = kappa_q * z + mu_q;  k = RMSNorm_nogain(kappa_k * z + mu_k)   per head
         (options: key_norm=center_rms subtracts the per-head mean of k first; query_norm RMS-normalises q too;
+         query_temperature multiplies q by a learned exp(s_h) per head;
          local_raw_keys gives the attention k instead of k_hat: exact keys locally, codewords in the cache)
     k_hat, codes = VQ(k)                                 straight-through, per-layer codebook
     a = vq_attention(q, k_hat, v, ...)                   causal chunked VQ attention (§B)
@@ -53,6 +54,7 @@ class LongVQMixer(nn.Module):
         self.qk_scale = nn.Parameter(torch.ones(2, lv.z_dim))
         self.qk_shift = nn.Parameter(torch.zeros(2, lv.z_dim))
         self.rel_bias = nn.Parameter(torch.zeros(lv.n_heads, lv.chunk_size + 1))
+        self.log_q_scale = nn.Parameter(torch.zeros(lv.n_heads)) if lv.query_temperature else None
         self.quantizer = VectorQuantizer(lv.n_heads, lv.codebook_size, lv.z_dim // lv.n_heads, lv.codebook_decay,
                                          dead_code_threshold=lv.dead_code_threshold, init=lv.codebook_init,
                                          dead_code_reseed=lv.dead_code_reseed)
@@ -76,6 +78,8 @@ class LongVQMixer(nn.Module):
         k = (z * self.qk_scale[1] + self.qk_shift[1]).to(dt).view(B, T, H, dz // H)
         if self.query_norm:
             q = rms_normalize(q)
+        if self.log_q_scale is not None:  # learned temperature per head
+            q = q * self.log_q_scale.exp().to(dt)[:, None]
         if self.normalize_keys:  # center_rms = LayerNorm without gain: zero mean, unit RMS per head
             k = F.layer_norm(k, (k.shape[-1],), eps=1e-6) if self.key_norm == "center_rms" else rms_normalize(k)
         k_hat, codes, commit, metrics = self.quantizer(k)

@@ -103,3 +103,37 @@ def test_config_validates_the_new_fields():
         from_dict(ModelConfig, {"longvq": {"key_norm": "layer"}})
     with pytest.raises(ConfigError, match="query_norm"):
         from_dict(LongVQConfig, {"query_norm": "yes"})
+
+
+def test_query_temperature_scales_queries_per_head_and_learns(tiny_model_config):
+    model = _model(tiny_model_config, query_norm=True, query_temperature=True)
+    tokens = torch.randint(0, 32, (2, 19))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mixer.log_q_scale.copy_(torch.linspace(-0.5, 0.7, block.mixer.n_heads))
+    for mixer, z, k, q in _capture(model, tokens):
+        rms = q.pow(2).mean(-1).sqrt()  # (B, T, H): exp(s_h) for unit-RMS queries
+        torch.testing.assert_close(rms, mixer.log_q_scale.exp().expand_as(rms).to(rms), atol=1e-4, rtol=0)
+    model.train()
+    out = model(tokens)
+    (out.logits.sum() + out.aux_loss).backward()
+    assert all(float(b.mixer.log_q_scale.grad.abs().sum()) > 0 for b in model.blocks)
+    plain = _model(tiny_model_config)
+    assert all(b.mixer.log_q_scale is None for b in plain.blocks)  # off by default: no extra parameter
+    for t in [0, 4, 17]:
+        assert first_leak(model.eval(), tokens, t) is None
+
+
+def test_query_temperature_decode_matches_parallel(tiny_model_config):
+    model = _model(tiny_model_config, query_norm=True, query_temperature=True)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mixer.log_q_scale.fill_(0.8)
+        tokens = torch.randint(0, 32, (1, 13))
+        full = model(tokens).logits
+        state, steps = None, []
+        for t in range(13):
+            out = model(tokens[:, t:t + 1], state=state, return_state=True)
+            state = out.state
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-9, rtol=1e-7)
