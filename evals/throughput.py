@@ -84,7 +84,7 @@ from lm.config import ConfigError, ModelConfig, RunConfig, from_dict
 from lm.model import build_model
 from lm.parallel.activation_checkpointing import apply_activation_checkpointing
 from lm.parallel.compile import eager_blocks, maybe_compile, set_tf32
-from lm.metrics import PEAK_BF16_FLOPS, FLOPS_FORMULA, flops_per_token, head_dims, mean_keys_per_query  # noqa: F401  (re-exported)
+from lm.metrics import PEAK_BF16_FLOPS, FLOPS_FORMULA, flops_per_token
 from lm.ops import sdpa
 from lm.ops.vq_attention import resolve_impl
 
@@ -235,7 +235,7 @@ def _train_step_fn(cfg: ModelConfig, context: int, args, device: torch.device):
     maybe_compile(model, args.compile is not None, args.compile or "inductor")
     set_tf32(not args.no_tf32)
     if args.activation_checkpointing:  # both arms alike; recomputation does not re-count codebook stats
-        apply_activation_checkpointing(model.blocks)
+        apply_activation_checkpointing(model.blocks, args.checkpoint_blocks)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     data = torch.randint(0, cfg.vocab_size, (batch, context + 1), device=device)
     inputs, targets = data[:, :-1], data[:, 1:]
@@ -293,7 +293,8 @@ def train_row(cfg: ModelConfig, context: int, args, device: torch.device) -> dic
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     return {"batch": batch, "tokens": batch * context, "step_times_s": times,
-            "activation_checkpointing": args.activation_checkpointing, "compile": args.compile, "tf32": not args.no_tf32,
+            "activation_checkpointing": args.activation_checkpointing,
+            "checkpoint_blocks": args.checkpoint_blocks if args.activation_checkpointing else None, "compile": args.compile, "tf32": not args.no_tf32,
             "loss_chunk_tokens": args.loss_chunk_tokens,
             "tokens_per_s": batch * context / median, "backend": _backend_name(cfg.arch, seen),
             "peak_mem_gib": _peak_gib(device)}
@@ -506,6 +507,8 @@ def parse_args(argv):
     p.add_argument("--no-tf32", action="store_true", help="keep float32 matmuls in full fp32 (default: TF32 on CUDA)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in backward (both arms; for contexts whose activations do not fit)")
+    p.add_argument("--checkpoint-blocks", type=int, default=0, metavar="N",
+                   help="with --activation-checkpointing: only the first N blocks (0 = all)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-flops", type=float, default=None, help="default 989e12 on CUDA; CPU: no MFU")

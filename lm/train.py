@@ -136,7 +136,7 @@ class Trainer:
         maybe_compile(model, cfg.train.compile, cfg.train.compile_backend)
         set_tf32(cfg.train.tf32)
         if cfg.parallel.activation_checkpointing:
-            apply_activation_checkpointing(model.blocks)
+            apply_activation_checkpointing(model.blocks, cfg.parallel.activation_checkpointing_blocks)
         if self.pipelined:
             from lm.parallel.pipeline import PipelineLoss, build_pipeline, pipeline_quantizers
 

@@ -82,6 +82,37 @@ def test_activation_checkpointing_changes_nothing(tmp_path, cache, single):
     assert_same_codebooks([r], single, atol=1e-6)  # recomputation does not double-count codebook statistics
 
 
+def test_partial_activation_checkpointing_changes_nothing(tmp_path, cache, single):
+    (r,) = _run(tmp_path, cache, "ckpt1", 1, "train.grad_accum_steps=2", "parallel.activation_checkpointing=true",
+                "parallel.activation_checkpointing_blocks=1")
+    torch.testing.assert_close(r["losses"], single["losses"], rtol=1e-6, atol=1e-6)
+    assert_same_codebooks([r], single, atol=1e-6)
+    with pytest.raises(ConfigError, match="activation_checkpointing_blocks"):
+        load_config(ROOT / "launch/configs/quickstart.yaml", overrides=["parallel.activation_checkpointing_blocks=99"])
+
+
+def test_checkpointing_only_the_first_blocks():
+    from lm.config import ModelConfig
+    from lm.model import build_model
+    from lm.parallel.activation_checkpointing import apply_activation_checkpointing
+
+    cfg = ModelConfig(arch="transformer", vocab_size=32, d_model=16, n_layers=3, ffn_dim=32)
+    cfg.transformer.n_heads = 2
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ref = build_model(cfg)
+    ref.load_state_dict(model.state_dict())
+    apply_activation_checkpointing(model.blocks, 2)
+    assert [getattr(b, "_activation_checkpointed", False) for b in model.blocks] == [True, True, False]
+    x = torch.randint(0, 32, (2, 9))
+    for m in (model, ref):
+        m(x).logits.pow(2).mean().backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="num_blocks"):
+        apply_activation_checkpointing(model.blocks, -1)
+
+
 def test_pipeline_with_zero3_is_rejected_before_launch():
     with pytest.raises(ConfigError, match="ZeRO-2/3"):
         load_config(ROOT / "launch/configs/quickstart.yaml", overrides=["parallel.pipeline_stages=2", "parallel.zero_stage=3"])

@@ -35,9 +35,13 @@ def _checkpointed(block: nn.Module, forward):
     return wrapped
 
 
-def apply_activation_checkpointing(blocks) -> None:
-    """Recompute each block's activations in backward instead of storing them (in place)."""
-    for block in blocks:
+def apply_activation_checkpointing(blocks, num_blocks: int = 0) -> None:
+    """Recompute the activations of the first `num_blocks` blocks (0 = all) in backward instead of storing
+    them (in place). Checkpointing only some blocks trades memory for less recomputation."""
+    if num_blocks < 0:
+        raise ValueError(f"num_blocks must be >= 0 (0 = all blocks), got {num_blocks}")
+    blocks = list(blocks)
+    for block in blocks[:num_blocks] if num_blocks else blocks:
         if not getattr(block, "_activation_checkpointed", False):
             block.forward = _checkpointed(block, block.forward)
             block._activation_checkpointed = True
