@@ -81,7 +81,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> 
             _failed.add((name, q.device.type, q.dtype))
             errors.append(f"{name}: {str(exc).splitlines()[0]}")
             continue
-        if last_backend != name:
+        if last_backend != name and not torch.compiler.is_compiling():  # logging would break a compiled graph
             log.info("transformer attention backend: %s", name)
         last_backend = name
         return out

@@ -13,6 +13,7 @@ import torch
 from evals import quality_race as qr
 from evals.perplexity import score_disjoint
 from lm.config import OptimConfig
+from lm.metrics import head_dims
 from lm.model import build_model
 from lm.ops.vq_diagnostics import attention_mass_split, summarize_mass
 
@@ -142,9 +143,9 @@ def test_40m_preset_is_matched_and_fused_compatible():
     params = {a: qr.tp.count_params(c) for a, c in cfgs.items()}
     assert 38e6 < params["transformer"] < 44e6 and 38e6 < params["longvq"] < 44e6
     assert abs(params["longvq"] / params["transformer"] - 1) <= 0.05
-    H, dk, dv = qr.tp.head_dims(cfgs["longvq"])
+    H, dk, dv = head_dims(cfgs["longvq"])
     assert dk in (16, 32, 64, 128) and dv in (16, 32, 64, 128) and cfgs["longvq"].longvq.chunk_size % 64 == 0
-    assert qr.tp.head_dims(cfgs["transformer"])[1] == 64
+    assert head_dims(cfgs["transformer"])[1] == 64
 
 
 def test_time_based_schedule():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from evals import throughput as tp
+from lm import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--preset", "tiny", "--contexts", "64", "128", "--tokens-per-step", "256", "--decode-prompts", "64",
@@ -81,17 +82,17 @@ def test_125m_preset_is_matched_and_flops_follow_the_declared_formulas():
     assert params["transformer"] == 109_529_856  # research/h200_baseline_probe.md's GPT
     assert abs(tp.check_param_match(params) - 1) <= 0.10
     tf, lv = cfgs["transformer"], cfgs["longvq"]
-    assert tp.head_dims(lv) == (12, 64, 128)
+    assert metrics.head_dims(lv) == (12, 64, 128)
     T = 8192
     # Transformer: 6 N + 6 L d (T + 1) (= 6 L H (T+1)/2 (2 d / H))
     assert tp.flops_per_token(tf, 100, T) == pytest.approx(600 + 6 * 12 * 768 * (T + 1))
     # LongVQ: brute-force count of the keys each position attends to
     C, S = 512, 512
     keys = sum((i % C) + 1 + (C if i >= C else 0) + (S if i >= 2 * C else 0) for i in range(T)) / T
-    assert tp.mean_keys_per_query(lv, T) == pytest.approx(keys)
+    assert metrics.mean_keys_per_query(lv, T) == pytest.approx(keys)
     assert tp.flops_per_token(lv, 100, T) == pytest.approx(600 + 6 * 12 * 12 * keys * (64 + 128))
     # per-token attention cost is flat for LongVQ, linear in T for the Transformer
-    assert tp.mean_keys_per_query(lv, 131072) < (C + 1) / 2 + C + S + 1
+    assert metrics.mean_keys_per_query(lv, 131072) < (C + 1) / 2 + C + S + 1
 
 
 def test_presets_are_configurable(tmp_path):

@@ -37,6 +37,22 @@ def test_longvq_block_compiles_to_one_graph_for_all_layers():
     torch.testing.assert_close(model(x).logits.detach(), ref)
 
 
+def test_transformer_block_compiles_without_graph_breaks():
+    """The backend log line of lm.ops.sdpa is skipped while Dynamo traces (logging is a graph break)."""
+    from lm.ops import sdpa
+
+    torch._dynamo.reset()
+    counters.clear()
+    sdpa.last_backend = None
+    model = build_model(_cfg("transformer"))
+    compile_blocks(model.blocks, backend="eager")
+    x = torch.randint(0, 64, (2, 16))
+    for _ in range(2):
+        model(x).logits.float().mean().backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert sdpa.last_backend is not None  # still recorded
+
+
 def test_eager_blocks_runs_the_python_forward_under_later_wrappers():
     """eager_blocks switches the compiled blocks to their original forward, also when activation
     checkpointing wrapped them after compiling (it once swapped `forward` back and thereby dropped the
