@@ -119,10 +119,12 @@ class VectorQuantizer(nn.Module):
         return flat[idx, torch.arange(H, device=k.device)[None, :]].transpose(0, 1).contiguous()
 
     def reset_stats(self) -> None:
-        """Drop this step's statistics (and a pending re-seeding sample) without updating the codebook."""
+        """Drop this step's statistics and pending key samples (re-seeding, first-batch initialisation: the
+        next step's first micro-batch gives new ones) without updating the codebook."""
         for name in self.stat_names:
             getattr(self, name).zero_()
         self.reseed_keys = None
+        self.init_keys = None
 
     @torch.no_grad()
     def accumulate(self, k: Tensor, codes: Tensor, quant: Tensor) -> None:

@@ -134,5 +134,9 @@ def test_reset_stats_drops_a_pending_reseed_sample():
     assert vq.reseed_keys is not None and vq.reseed_keys.shape == (1, 4, 2)
     vq.reset_stats()
     assert vq.reseed_keys is None and float(vq.stat_count.sum()) == 0
+    first = VectorQuantizer(n_heads=1, codebook_size=4, dim=2, init="first_batch").train()
+    first(torch.full((1, 8, 1, 2), float("nan")))  # e.g. a non-finite micro-batch, dropped by the trainer
+    first.reset_stats()
+    assert first.init_keys is None and first.needs_init()  # the next step samples again
     with pytest.raises(ValueError, match="dead_code_reseed"):
         VectorQuantizer(n_heads=1, codebook_size=4, dim=2, dead_code_reseed="random")
