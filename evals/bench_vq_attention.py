@@ -157,8 +157,6 @@ def main():
         timed("fwd+bwd, no bias", fb(None))
         for bg in (1, 0, 2):
             timed(f"fwd+bwd, bias, bias_grad={bg}", fb(bias), bias_grad=bg)
-        timed("fwd, bias, bias_load=vector", fwd(bias), bias_load="vector")
-        timed("fwd+bwd, bias, bias_load=vector", fb(bias), bias_load="vector")
         for fw, bw, st in ((8, 4, 2), (4, 8, 2), (4, 4, 3), (4, 4, 4)):
             timed("fwd+bwd, bias", fb(bias), fwd_warps=fw, bwd_warps=bw, stages=st)
         result["sweep_8k"] = sweep

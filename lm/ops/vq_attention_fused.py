@@ -46,9 +46,7 @@ BLK = 64  # key / code block and the dq kernel's square tile; chunk_size must be
 
 # Tunables (the benchmark may change them). bias_grad: 1 = diagonal sums of each dS tile by tl.gather,
 # then 2 x BLK atomics per tile; 0 = one atomic per tile element; 2 = skip (timing breakdown only: WRONG dbias).
-# bias_load: "tiles" = precomputed 64x64 Toeplitz tiles (one coalesced 16 KB load per tile), "vector" = gather
-# from the (C+1)-vector per tile element (to be timed on the GPU: the bias costs ~3.7 of 11.1 ms per 8K layer).
-CONFIG = {"fwd_warps": 4, "bwd_warps": 4, "stages": 3, "bias_grad": 1, "bias_load": "tiles"}
+CONFIG = {"fwd_warps": 4, "bwd_warps": 4, "stages": 3, "bias_grad": 1}
 
 
 def _bias_tiles(bias: Tensor, C: int) -> tuple[Tensor, Tensor]:
@@ -80,30 +78,12 @@ def _softmax_step(s, m_i, l_i, acc, vals, PREC: tl.constexpr):
 
 
 @triton.jit
-def _bias_tile(BIAS, h, base, C: tl.constexpr, BL: tl.constexpr, TRANS: tl.constexpr, VEC: tl.constexpr):
-    """Bias, in the base-2 score domain, of a (BL x BL) tile whose query row a and key column c are at
-    distance base + a - c (zero outside 0..C); TRANS: the tile is (keys x queries). VEC = 0 reads the
-    precomputed Toeplitz tile (BIAS = table (H, 2C/BL, BL, BL), base a non-negative multiple of BL);
-    VEC = 1 gathers from the bias vector (BIAS = (H, C + 1))."""
-    i = tl.arange(0, BL)
-    if VEC == 1:
-        if TRANS:
-            d = base + i[None, :] - i[:, None]
-        else:
-            d = base + i[:, None] - i[None, :]
-        return tl.load(BIAS + h * (C + 1) + d, mask=(d >= 0) & (d <= C), other=0.0)
-    else:
-        NT: tl.constexpr = 2 * C // BL
-        return tl.load(BIAS + (h * NT + base // BL) * (BL * BL) + i[:, None] * BL + i[None, :])
-
-
-@triton.jit
 def _fwd_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, O, LSE,
                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
                 T, KOFF, H, R, qk_scale,
                 HAS_BIAS: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                 DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                PREC: tl.constexpr, BIAS_VEC: tl.constexpr):
+                PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -117,7 +97,8 @@ def _fwd_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, O, LSE,
     dk = tl.arange(0, DK)
     dv = tl.arange(0, DV)
     offs_n = tl.arange(0, BN)
-    tl.static_assert(BM == BN)  # bias tiles are square
+    NT: tl.constexpr = 2 * C // BM  # bias tiles per head (needs BM == BN)
+    bt_off = tl.arange(0, BM)[:, None] * BN + offs_n[None, :]
     q = tl.load(Q + b * s_qb + h * s_qh + q_pos[:, None] * s_qt + dk[None, :], mask=q_ok[:, None], other=0.0)
     m_i = tl.full([BM], -1e30, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -146,7 +127,7 @@ def _fwd_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, O, LSE,
         if HAS_BIAS:
             base = mb * BM + C - j0
             if base - (BM - 1) <= C:  # some pair of the tile inside the window
-                s += _bias_tile(BIAS, h, base, C, BM, False, BIAS_VEC)
+                s += tl.load(BIAS + (h * NT + base // BM) * (BM * BN) + bt_off)
         vv = tl.load(v_base + (kp + j)[:, None] * s_vt + dv[None, :])
         m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, vv, PREC)
 
@@ -161,7 +142,7 @@ def _fwd_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, O, LSE,
         d = i_loc[:, None] - j[None, :]
         keep = (d >= 0) & k_ok[None, :]
         if HAS_BIAS:
-            s += _bias_tile(BIAS, h, mb * BM - j0, C, BM, False, BIAS_VEC)
+            s += tl.load(BIAS + (h * NT + (mb * BM - j0) // BM) * (BM * BN) + bt_off)
         s = tl.where(keep, s, float("-inf"))
         vv = tl.load(v_base + (ko + j)[:, None] * s_vt + dv[None, :], mask=k_ok[:, None], other=0.0)
         m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, vv, PREC)
@@ -197,7 +178,7 @@ def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
                    T, KOFF, H, R, qk_scale, sm_scale,
                    HAS_BIAS: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                    DK: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
-                   GATHER: tl.constexpr, BIAS_VEC: tl.constexpr):
+                   GATHER: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -220,6 +201,8 @@ def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     db_ptr = DBIAS + (bh * R + r) * (C + 1)  # partial row of this (b, h, chunk)
+    NT: tl.constexpr = 2 * C // BL
+    bt_off = tl.arange(0, BL)[:, None] * BL + offs_n[None, :]
 
     cb_base = CB + h * S * DK
     ln_base = LOGN + (bh * R + r) * S
@@ -244,7 +227,7 @@ def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
         win = d <= C
         if HAS_BIAS:
             if j0 + BL > i0:
-                s += _bias_tile(BIAS, h, i0 + C - j0, C, BL, False, BIAS_VEC)
+                s += tl.load(BIAS + (h * NT + (i0 + C - j0) // BL) * (BL * BL) + bt_off)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -264,7 +247,7 @@ def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
         d = i_loc[:, None] - j[None, :]
         keep = (d >= 0) & k_ok[None, :] & q_ok[:, None]
         if HAS_BIAS:
-            s += _bias_tile(BIAS, h, i0 - j0, C, BL, False, BIAS_VEC)
+            s += tl.load(BIAS + (h * NT + (i0 - j0) // BL) * (BL * BL) + bt_off)
         p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -284,7 +267,7 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, CODES, DSUM, DKo, DVo,
                      T, KOFF, H, R, qk_scale, sm_scale,
                      HAS_BIAS: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                      DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-                     PREC: tl.constexpr, BIAS_VEC: tl.constexpr):
+                     PREC: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -304,7 +287,8 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, CODES, DSUM, DKo, DVo,
     gv = tl.zeros([BN, DV], tl.float32)
     q_base = Q + b * s_qb + h * s_qh
     do_base = DO + b * s_db + h * s_dh
-    tl.static_assert(BM == BN)  # bias tiles are square (the transposed table in tile mode)
+    NT: tl.constexpr = 2 * C // BN  # bias tiles per head (transposed table; needs BM == BN)
+    bt_off = tl.arange(0, BN)[:, None] * BM + offs_m[None, :]
 
     # own chunk: queries i >= j
     lo = (nb * BN // BM) * BM
@@ -321,7 +305,7 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, CODES, DSUM, DKo, DVo,
         d = i_loc[None, :] - j_loc[:, None]
         keep = (d >= 0) & q_ok[None, :] & k_ok[:, None]
         if HAS_BIAS:
-            sT += _bias_tile(BIAS, h, i0 - nb * BN, C, BN, True, BIAS_VEC)
+            sT += tl.load(BIAS + (h * NT + (i0 - nb * BN) // BN) * (BN * BM) + bt_off)
         pT = tl.where(keep, tl.exp2(sT - lse[None, :]), 0.0)
         gv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -343,7 +327,7 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, CODES, DSUM, DKo, DVo,
         if HAS_BIAS:
             base = i0 + C - nb * BN
             if base - (BN - 1) <= C:
-                sT += _bias_tile(BIAS, h, base, C, BN, True, BIAS_VEC)
+                sT += tl.load(BIAS + (h * NT + base // BN) * (BN * BM) + bt_off)
         pT = tl.where(q_ok[None, :], tl.exp2(sT - lse[None, :]), 0.0)
         gv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -509,13 +493,9 @@ class _FusedVQAttention(torch.autograd.Function):
             koff = C
         else:
             kx, vx, koff = k_hat, v, 0
-        bias_vec = CONFIG["bias_load"] == "vector"
         if bias is not None:
             with torch.no_grad():
-                if bias_vec:
-                    bt = btt = (bias.detach().float() * LOG2E).contiguous()
-                else:
-                    bt, btt = _bias_tiles(bias.detach(), C)
+                bt, btt = _bias_tiles(bias.detach(), C)
         else:
             bt = btt = q.new_zeros(1, dtype=torch.float32)
         out = torch.empty(B, T, H, Dv, dtype=v.dtype, device=q.device)
@@ -528,16 +508,16 @@ class _FusedVQAttention(torch.autograd.Function):
             q.stride(0), q.stride(1), q.stride(2), kx.stride(0), kx.stride(1), kx.stride(2),
             vx.stride(0), vx.stride(1), vx.stride(2), out.stride(0), out.stride(1), out.stride(2),
             T, koff, H, R, scale * LOG2E,
-            HAS_BIAS=bias is not None, C=C, S=Sp, DK=Dk, DV=Dv, BM=bm, BN=BLK, PREC=prec, BIAS_VEC=int(bias_vec),
+            HAS_BIAS=bias is not None, C=C, S=Sp, DK=Dk, DV=Dv, BM=bm, BN=BLK, PREC=prec,
             num_warps=CONFIG["fwd_warps"], num_stages=CONFIG["stages"])
         ctx.save_for_backward(q, kx, vx, codes, cb, logn, ubar, cnt, bt, btt, out, lse)
-        ctx.meta = (C, scale, koff, bias is not None, bias.dtype if bias is not None else None, int(bias_vec))
+        ctx.meta = (C, scale, koff, bias is not None, bias.dtype if bias is not None else None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, kx, vx, codes, cb, logn, ubar, cnt, bt, btt, out, lse = ctx.saved_tensors
-        C, scale, koff, has_bias, bias_dtype, bias_vec = ctx.meta
+        C, scale, koff, has_bias, bias_dtype = ctx.meta
         B, T, H, Dk = q.shape
         Dv = vx.shape[-1]
         R, Sp = logn.shape[1], cb.shape[1]
@@ -561,7 +541,7 @@ class _FusedVQAttention(torch.autograd.Function):
                 vx.stride(0), vx.stride(1), vx.stride(2), do.stride(0), do.stride(1), do.stride(2),
                 T, koff, H, R, scale * LOG2E, scale,
                 HAS_BIAS=has_bias, C=C, S=Sp, DK=Dk, DV=Dv, BL=BLK, PREC=prec,
-                GATHER=gather, BIAS_VEC=bias_vec, num_warps=nw, num_stages=ns)
+                GATHER=gather, num_warps=nw, num_stages=ns)
 
         if has_bias and CONFIG["bias_grad"] == 1:
             try:
@@ -594,7 +574,7 @@ class _FusedVQAttention(torch.autograd.Function):
             codes.stride(0), codes.stride(1), codes.stride(2),
             gk.stride(0), gk.stride(1), gk.stride(2), gv.stride(0), gv.stride(1), gv.stride(2),
             T, koff, H, R, scale * LOG2E, scale,
-            HAS_BIAS=has_bias, C=C, S=Sp, DK=Dk, DV=Dv, BN=BLK, BM=BLK, PREC=prec, BIAS_VEC=bias_vec,
+            HAS_BIAS=has_bias, C=C, S=Sp, DK=Dk, DV=Dv, BN=BLK, BM=BLK, PREC=prec,
             num_warps=nw, num_stages=ns)
 
         dbias_out = dbias.sum((0, 2)).to(bias_dtype) if has_bias else None

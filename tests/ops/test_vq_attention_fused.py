@@ -128,26 +128,6 @@ def test_bias_gradient_atomic_fallback():
         assert rel(a, b) <= 1e-4
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=gpu_only)], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape", SHAPES[:2] + SHAPES[3:], ids=lambda s: "x".join(map(str, s)))
-def test_vector_bias_load_matches_reference(shape, dtype):
-    """CONFIG['bias_load']='vector' (bias gathered from its (C+1)-vector instead of the Toeplitz tile table)
-    gives the same outputs and gradients, including the previous chunk's window edge and the streaming prefix."""
-    B, T, H, Dk, Dv, S, C = shape
-    q, k_hat, v, codes, cb, bias = make_inputs(B, T, H, Dk, Dv, S, C, dtype, True, seed=5)
-    grad = torch.randn(B, T, H, Dv, device=DEVICE)
-    ref = run(chunked_vq_attention, q, k_hat, v, codes, cb, bias, C, grad, upcast=True)
-    old = fz.CONFIG["bias_load"]
-    try:
-        fz.CONFIG["bias_load"] = "vector"
-        got = run(fz.fused_vq_attention, q, k_hat, v, codes, cb, bias, C, grad)
-    finally:
-        fz.CONFIG["bias_load"] = old
-    for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], got, ref):
-        err = rel(a, b)
-        assert err <= TOL[dtype], f"{name}: rel err {err:.2e} > {TOL[dtype]:.0e}"
-
-
 @pytest.mark.parametrize("T1,T2", [(3 * 64, 2 * 64 + 9), (64, 64 * 3), (2 * 64, 5)])
 def test_streaming_equals_one_pass(T1, T2):
     """Two calls with the state in between equal one call; states equal the reference's states."""
