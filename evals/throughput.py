@@ -521,6 +521,8 @@ def parse_args(argv):
         p.error("--compile needs --warmup >= 2 (the first warm-up step runs eager, the second compiles)")
     if args.loss_chunk_tokens < 0:
         p.error("--loss-chunk-tokens must be >= 0 (0 = full logits)")
+    if args.checkpoint_blocks < 0:
+        p.error("--checkpoint-blocks must be >= 0 (0 = all blocks)")
     if args.steps < 1 or args.warmup < 1 or args.tokens_per_step < 1 or args.prefill_chunk < 1:
         p.error("--steps, --warmup, --tokens-per-step and --prefill-chunk must be >= 1")
     return args

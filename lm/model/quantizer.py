@@ -148,7 +148,7 @@ class VectorQuantizer(nn.Module):
     def apply_update(self) -> None:
         """One EMA k-means step from the accumulated (already all-reduced) statistics, then reset them."""
         if float(self.stat_count.sum()) == 0.0:
-            self.reseed_keys = None
+            self.reset_stats()  # no training forward this step: nothing to apply, no pending sample kept
             return
         if self.init_keys is not None and self.needs_init():
             self.c_sum.copy_(self.init_keys)  # statistics of the random codebook are discarded

@@ -46,11 +46,10 @@ class _ChunkedLinearCE(torch.autograd.Function):
         N = h.shape[0]
         hc, wc = h.to(dtype), w.to(dtype)
         valid_all = targets != IGNORE_INDEX
-        count = valid_all.sum().clamp(min=1).to(torch.float32)
+        acc = _acc(dtype)
+        count = valid_all.sum().clamp(min=1).to(acc)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
-        acc = _acc(dtype)
-        count = count.to(acc)
         grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
         total = torch.zeros((), dtype=acc, device=h.device)
         for s in range(0, N, chunk):

@@ -2,9 +2,9 @@
 
 Compiling block by block keeps graphs small and identical across layers (one compilation reused), and
 leaves the fused attention kernel (an autograd Function) as a graph break. Off by default: measure it
-(`python -m evals.throughput --compile`) before turning it on for a run. `set_tf32` switches TF32 matmuls. `eager_blocks(model)` runs the
-original Python forwards for a while (evaluation with other shapes or diagnostics hooks, without
-recompiling).
+(`python -m evals.throughput --compile`) before turning it on for a run. `set_tf32` switches TF32
+matmuls. `eager_blocks(model)` runs the original Python forwards for a while (evaluation with other
+shapes or diagnostics hooks, without recompiling).
 """
 
 from __future__ import annotations

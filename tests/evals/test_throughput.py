@@ -136,3 +136,11 @@ def test_profile_table_is_written(tmp_path):
                  "--profile-context", "64"]) == 0
     text = (tmp_path / "throughput_p_profile_longvq.txt").read_text()
     assert "one training step" in text and "aten::" in text
+
+
+@pytest.mark.parametrize("bad", [["--loss-chunk-tokens", "-1"], ["--checkpoint-blocks", "-2"], ["--compile", "--warmup", "1"]])
+def test_bad_options_are_refused_at_parse_time(bad, capsys):
+    with pytest.raises(SystemExit):
+        tp.parse_args(["--preset", "tiny", *bad])
+    err = capsys.readouterr().err
+    assert "must be" in err or "needs" in err
