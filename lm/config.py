@@ -79,6 +79,10 @@ class LongVQConfig:
     """Own and previous chunk attend with the exact (normalised, unquantised) keys; only the code cache
     uses codewords (research/longvq_algorithm.md §E-2). Still linear time; default off (Transformer-VQ:
     quantised everywhere)."""
+    residual: Literal["gated", "add"] = "gated"
+    """gated: MEGA's out = x + u * (h - x) (the update gate interpolates, so every layer scales the residual
+    stream by 1 - u, about 0.5 at init: 0.5^12 through 12 layers). add: out = x + u * h, a plain pre-norm
+    residual whose branch is gated by u; the identity path keeps weight 1 at any depth."""
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
 

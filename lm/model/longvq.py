@@ -12,7 +12,7 @@ research/longvq_algorithm.md §A.3. With x the residual stream (B, T, D):
     k_hat, codes = VQ(k)                                 straight-through, per-layer codebook
     a = vq_attention(q, k_hat, v, ...)                   causal chunked VQ attention (§B)
     h = SiLU(hx + (a * r) W_h)
-    out = x + u * (h - x)                                gated residual
+    out = x + u * (h - x)                                gated residual (residual=add: out = x + u * h)
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class LongVQMixer(nn.Module):
         self.n_heads, self.chunk_size = lv.n_heads, lv.chunk_size
         self.impl, self.normalize_keys, self.commit_beta = lv.attention_impl, lv.normalize_keys, lv.commit_beta
         self.key_norm, self.query_norm, self.local_raw_keys = lv.key_norm, lv.query_norm, lv.local_raw_keys
+        self.residual = lv.residual
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.v_proj = nn.Linear(D, self.hidden)
         self.ema = MultiDimEMA(D, lv.ema_dim)
@@ -92,6 +93,7 @@ class LongVQMixer(nn.Module):
             self.captured = dict(q=q.detach(), k_hat=keys.detach(), v=v.view(B, T, H, E // H).detach(), codes=codes,
                                  codebook=self.quantizer.codebook.to(q.dtype), bias=self.rel_bias.detach())
         h = F.silu(hx + self.h_proj(attn.reshape(B, T, E) * r))
-        out = x + u * (self.dropout(h) - x)
+        h = self.dropout(h)
+        out = x + u * h if self.residual == "add" else x + u * (h - x)
         new_state = LongVQState(ema_state, attn_state) if return_state else None
         return out, new_state, self.commit_beta * commit, metrics
