@@ -13,6 +13,8 @@ Models (presets, edited per arm with `--set ARCH.key.path=value`, ARCH = longvq 
         LongVQ: chunk C = 512, codebook S = 512, 8 heads, z_dim 512 (q/k head dim 64), hidden 1024 (v head
         dim 128), EMA dim 16, FFN 1024: 41,560,672 parameters. Transformer: 8 heads x 64, RoPE, SwiGLU FFN
         1536: 41,038,336 parameters. Ratio 1.013. Head dims 64/128 and C a multiple of 64: the fused kernel runs.
+        LongVQ options (measured on the H200, docs/quality.md): residual=add, local_raw_keys, query_norm,
+        dead_code_reseed=batch; peak lr 3e-3 for LongVQ, 1e-3 for the Transformer (both from a sweep).
   tiny  CPU smoke test (the throughput benchmark's tiny preset): 2 layers, d_model 64, LongVQ C = S = 16,
         2 heads; contexts 64 and 128.
 Both counts and their ratio are printed; the run stops with exit code 2 when they differ by more than
@@ -22,7 +24,8 @@ Data: the built-in offline corpus (this Python's standard library, byte level, f
 train/valid/test by a hash of their path), `lm.data.load_stream(DataConfig(dataset="stdlib"))`. Training
 batches come from `WindowSampler(train, context, seed)`: both arms see the same windows in the same order.
 
-Training, per context and arm: AdamW (fused on CUDA; the trainer's parameter groups: no decay for norms,
+Training, per context and arm: AdamW (peak lr from the preset, or 1e-3; --optim [ARCH.]key=value; fused on
+CUDA; the trainer's parameter groups: no decay for norms,
 biases, embeddings, EMA, q/k affine and the relative bias), bf16 autocast on CUDA (fp32 weights), fp32 on
 CPU, gradient clipping, `model.apply_codebook_updates()` after every optimizer step. One untimed warm-up
 forward/backward first (gradients and codebook statistics discarded, nothing updated) so kernel
@@ -105,8 +108,18 @@ SCHEDULE = ("time-based: lm.optim.lr_lambda(round(f * 10000), warmup_steps = war
 PRESETS: dict[str, dict] = {
     "40m": {
         "common": {"vocab_size": 256, "d_model": 512, "n_layers": 12, "tie_embeddings": True},
-        "longvq": {"longvq": {"chunk_size": 512, "codebook_size": 512, "n_heads": 8, "z_dim": 512, "ema_dim": 16}},
+        # The LongVQ options from the H200 sweeps (docs/quality.md, 2026-11-29): a plain residual (MEGA's
+        # gated one halves the residual stream in each of the 12 layers: 2.01 -> 1.57 bpb at 4K), exact local
+        # keys and RMS-normalised queries (2.34 -> 2.01), dead codes re-seeded from the batch (every layer
+        # >= 50 % of its codes, same bpb). --set longvq.longvq.residual=gated etc. gives MEGA's block back.
+        "longvq": {"longvq": {"chunk_size": 512, "codebook_size": 512, "n_heads": 8, "z_dim": 512, "ema_dim": 16,
+                              "residual": "add", "local_raw_keys": True, "query_norm": True,
+                              "dead_code_reseed": "batch"}},
         "transformer": {"ffn_dim": 1536, "transformer": {"n_heads": 8}},
+        # Per-arm peak learning rates from the same sweeps (1.5 min budget; 4K / 16K test bpb):
+        # LongVQ 1e-3 1.57 / -, 2e-3 1.50 / 1.80, 3e-3 1.44 / 1.72, 5e-3 - / 1.67;
+        # Transformer 5e-4 - / 1.60, 1e-3 0.86 / 1.64, 2e-3 0.91 / 1.87. --optim overrides them.
+        "optim": {"longvq": {"lr": 3e-3}, "transformer": {"lr": 1e-3}},
     },
     "tiny": copy.deepcopy(tp.PRESETS["tiny"]),
 }
@@ -128,9 +141,10 @@ def time_lr_multiplier(frac: float, optim: OptimConfig, warmup_frac: float) -> f
     return lr_lambda(min(n, max(0, int(frac * n))), o, n)
 
 
-def optim_configs(items: list[str]) -> dict[str, OptimConfig]:
-    """{arch: OptimConfig} from "[ARCH.]key=value" items (no ARCH = both arms)."""
-    trees: dict[str, dict] = {a: {} for a in ARCHS}
+def optim_configs(items: list[str], defaults: Optional[dict] = None) -> dict[str, OptimConfig]:
+    """{arch: OptimConfig} from a preset's per-arm defaults ({arch: {key: value}}) and "[ARCH.]key=value"
+    items on top (no ARCH = both arms)."""
+    trees: dict[str, dict] = {a: dict((defaults or {}).get(a, {})) for a in ARCHS}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"--optim {item!r} must look like [ARCH.]key=value, e.g. lr=1e-3 or longvq.lr=2e-3")
@@ -766,7 +780,7 @@ def run_race(args) -> dict:
     print("parameters: " + ", ".join(f"{a} {n:,}" for a, n in params.items())
           + f" (longvq/transformer {params['longvq'] / params['transformer']:.3f})", flush=True)
     ratio = tp.check_param_match(params, args.param_tolerance)
-    optims = optim_configs(args.optim)
+    optims = optim_configs(args.optim, PRESETS[args.preset].get("optim"))
     chunk = cfgs["longvq"].longvq.chunk_size
     tag = args.tag or f"{args.preset}_{device.type}"
     out_dir = Path(args.out_dir)

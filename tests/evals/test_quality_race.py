@@ -157,6 +157,13 @@ def test_time_based_schedule():
     both = qr.optim_configs(["lr=2e-3", "longvq.weight_decay=0.0"])
     assert both["longvq"].lr == both["transformer"].lr == 2e-3
     assert both["longvq"].weight_decay == 0.0 and both["transformer"].weight_decay == 0.1
+    # preset per-arm defaults, then the command line on top
+    preset = qr.optim_configs([], qr.PRESETS["40m"]["optim"])
+    assert (preset["longvq"].lr, preset["transformer"].lr) == (3e-3, 1e-3)
+    mixed = qr.optim_configs(["transformer.lr=5e-4", "min_lr_ratio=0.2"], qr.PRESETS["40m"]["optim"])
+    assert (mixed["longvq"].lr, mixed["transformer"].lr) == (3e-3, 5e-4)
+    assert mixed["longvq"].min_lr_ratio == mixed["transformer"].min_lr_ratio == 0.2
+    assert qr.optim_configs([], None)["longvq"].lr == OptimConfig().lr  # tiny: no preset defaults
 
 
 def test_heldout_nll_matches_score_disjoint_and_buckets(tiny_model_config, one_thread):
