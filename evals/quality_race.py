@@ -4,7 +4,7 @@
         [--arch longvq transformer] [--out-dir evals/results] [--tag NAME] [--set ARCH.key=value]
         [--optim [ARCH.]key=value] [--tokens-per-step N] [--grad-accum K] [--eval-tokens N]
         [--eval-split test] [--seed S] [--device auto] [--tensorboard]
-    python -m evals.quality_race --merge A.json B.json --tag NAME [--out-dir DIR]   # one report of several runs
+    python -m evals.quality_race --merge A.json B.json[:ARCH@CONTEXT,...] --tag NAME [--out-dir DIR]   # one report
 
 Plain PyTorch on one device, no DeepSpeed (never imported: the GPU box lacks it). Issue 7; docs/quality.md.
 
@@ -572,16 +572,18 @@ def write_markdown(result: dict, path: Path) -> None:
          "windows of the training context.", "",
          f"Schedule: {meta['schedule']}; warmup {meta['warmup_frac']:g} of the budget; optimizer "
          + "; ".join(f"{a}: lr {o['lr']:g}, min ratio {o['min_lr_ratio']:g}, wd {o['weight_decay']:g}, clip {o['grad_clip']:g}"
-                     for a, o in meta["optim"].items()) + ".", ""]
+                     for a, o in meta["optim"].items()) + "."
+         + (" Merged from several runs: each run's own peak lr is in the table." if meta.get("merged_from") else ""), ""]
     if meta["device"].startswith("cpu"):
         L += ["> CPU run: a smoke test of the script, not a quality result.", ""]
     L += ["## Held-out bits per byte and training", "",
-          "| context | arch | steps | tokens seen | tokens/s | train loss (end) | valid loss (end) | test bpb | peak GiB |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| context | arch | peak lr | steps | tokens seen | tokens/s | train loss (end) | valid loss (end) | test bpb | peak GiB |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (r["context"], r["arch"])):
         ev = r.get("eval") or {}
         vc = r.get("val_curve", {}).get("loss") or [None]
-        L.append(f"| {r['context']} | {r['arch']} | {r['steps']} | {r['tokens_seen']:,} | {_f(r['tokens_per_s'], ',.0f')} | "
+        lr = (r.get("optim") or meta["optim"][r["arch"]])["lr"]
+        L.append(f"| {r['context']} | {r['arch']} | {lr:g} | {r['steps']} | {r['tokens_seen']:,} | {_f(r['tokens_per_s'], ',.0f')} | "
                  f"{_f(r['final_train_loss'])} | {_f(vc[-1])} | {_f(ev.get('bpb'))} | {_f(r['peak_mem_gib'], '.1f')} |"
                  + (f" diverged at step {r['diverged_at_step']}" if r.get("diverged_at_step") is not None else ""))
     L += ["", "## Loss by position (nats, buckets of the LongVQ chunk size C)", ""]
@@ -766,11 +768,35 @@ def parse_args(argv):
 
 
 def merge(paths: list[str], out_dir: Path, tag: str) -> dict:
-    results = [json.loads(Path(p).read_text()) for p in paths]
+    """One result from several finished ones. A path may end in ":ARCH@CONTEXT[,ARCH@CONTEXT...]" to take
+    only those runs (e.g. each arm's run at its best learning rate). Every run keeps the optimizer settings
+    and command of its own file; files with different budgets, presets or batch sizes are refused."""
+    results, selected = [], []
+    for item in paths:
+        path, sel = item, None
+        head, _, tail = item.rpartition(":")
+        if head and "@" in tail:
+            path, sel = head, {tuple(x.split("@", 1)) for x in tail.split(",")}
+            bad = {a for a, _ in sel if a not in ARCHS}
+            if bad:
+                raise ConfigError(f"--merge {item!r}: {sorted(bad)} not longvq or transformer")
+        res = json.loads(Path(path).read_text())
+        runs = [r for r in res["runs"] if sel is None or (r["arch"], str(r["context"])) in sel]
+        if sel is not None and len(runs) != len(sel):
+            have = sorted(f"{r['arch']}@{r['context']}" for r in res["runs"])
+            raise ConfigError(f"--merge {item!r}: {path} has the runs {have}")
+        for r in runs:
+            r.setdefault("optim", res["meta"]["optim"][r["arch"]])
+            r.setdefault("command", res["meta"]["command"])
+        results.append(res)
+        selected += runs
+    for key in ("budget_minutes", "preset", "tokens_per_step"):
+        values = {json.dumps(r["meta"].get(key)) for r in results}
+        if len(values) > 1:
+            raise ConfigError(f"--merge: the files differ in {key} ({', '.join(sorted(values))}): not one comparison")
     meta = copy.deepcopy(results[0]["meta"])
-    meta.update(tag=tag, commands=[r["meta"]["command"] for r in results], merged_from=[str(p) for p in paths])
-    runs = [run for r in results for run in r["runs"]]
-    return {"meta": meta, "runs": runs}
+    meta.update(tag=tag, commands=[r["meta"]["command"] for r in results], merged_from=list(paths))
+    return {"meta": meta, "runs": selected}
 
 
 def run_race(args) -> dict:

@@ -131,6 +131,26 @@ def test_merge_makes_one_report(race, tmp_path):
     assert (tmp_path / "quality_merged.md").is_file() and (tmp_path / "quality_merged.png").is_file()
 
 
+def test_merge_selects_runs_and_refuses_different_budgets(race, tmp_path):
+    _, out = race
+    src = out / "quality_unit.json"
+    other = json.loads(src.read_text())
+    other["meta"]["optim"]["longvq"]["lr"] = 7e-3  # as if from a second command with another lr
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    rc = qr.main(["--merge", f"{src}:transformer@64,transformer@128", f"{tmp_path / 'other.json'}:longvq@128",
+                  "--tag", "best", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "quality_best.json").read_text())
+    assert sorted((r["arch"], r["context"]) for r in res["runs"]) == [("longvq", 128), ("transformer", 64), ("transformer", 128)]
+    lv = next(r for r in res["runs"] if r["arch"] == "longvq")
+    assert lv["optim"]["lr"] == 7e-3 and res["summary"]["128"]["bpb"].keys() == {"longvq", "transformer"}
+    assert "| 128 | longvq | 0.007 |" in (tmp_path / "quality_best.md").read_text()
+    assert qr.main(["--merge", f"{src}:longvq@999", "--tag", "x", "--out-dir", str(tmp_path)]) == 2  # no such run
+    other["meta"]["budget_minutes"] = 3.0
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert qr.main(["--merge", str(src), str(tmp_path / "other.json"), "--tag", "x", "--out-dir", str(tmp_path)]) == 2
+
+
 def test_unmatched_parameter_counts_fail(tmp_path, capsys):
     rc = qr.main(["--preset", "tiny", "--set", "longvq.ffn_dim=512", "--out-dir", str(tmp_path), "--device", "cpu"])
     assert rc == 2
