@@ -106,21 +106,13 @@ SCHEDULE = ("time-based: lm.optim.lr_lambda(round(f * 10000), warmup_steps = war
             "f = elapsed training time / budget")
 
 PRESETS: dict[str, dict] = {
-    "40m": {
-        "common": {"vocab_size": 256, "d_model": 512, "n_layers": 12, "tie_embeddings": True},
-        # The LongVQ options from the H200 sweeps (docs/quality.md, 2026-11-29): a plain residual (MEGA's
-        # gated one halves the residual stream in each of the 12 layers: 2.01 -> 1.57 bpb at 4K), exact local
-        # keys and RMS-normalised queries (2.34 -> 2.01), dead codes re-seeded from the batch (every layer
-        # >= 50 % of its codes, same bpb). --set longvq.longvq.residual=gated etc. gives MEGA's block back.
-        "longvq": {"longvq": {"chunk_size": 512, "codebook_size": 512, "n_heads": 8, "z_dim": 512, "ema_dim": 16,
-                              "residual": "add", "local_raw_keys": True, "query_norm": True,
-                              "dead_code_reseed": "batch"}},
-        "transformer": {"ffn_dim": 1536, "transformer": {"n_heads": 8}},
-        # Per-arm peak learning rates from the same sweeps (1.5 min budget; 4K / 16K test bpb):
-        # LongVQ 1e-3 1.57 / -, 2e-3 1.50 / 1.80, 3e-3 1.44 / 1.72, 5e-3 - / 1.67;
-        # Transformer 5e-4 - / 1.60, 1e-3 0.86 / 1.64, 2e-3 0.91 / 1.87. --optim overrides them.
-        "optim": {"longvq": {"lr": 3e-3}, "transformer": {"lr": 1e-3}},
-    },
+    # The models are the throughput benchmark's presets (evals/throughput.py), so `python -m evals.throughput
+    # --preset 40m` times and profiles exactly what the race trains.
+    "40m": {**copy.deepcopy(tp.PRESETS["40m"]),
+            # Per-arm peak learning rates from the H200 sweeps (docs/quality.md, 2026-11-29; 1.5 min budget,
+            # 4K / 16K test bpb): LongVQ 1e-3 1.57 / -, 2e-3 1.50 / 1.80, 3e-3 1.44 / 1.72, 5e-3 - / 1.67;
+            # Transformer 5e-4 - / 1.60, 1e-3 0.86 / 1.64, 2e-3 0.91 / 1.87. --optim overrides them.
+            "optim": {"longvq": {"lr": 3e-3}, "transformer": {"lr": 1e-3}}},
     "tiny": copy.deepcopy(tp.PRESETS["tiny"]),
 }
 PRESET_DEFAULTS = {

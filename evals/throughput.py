@@ -1,7 +1,7 @@
 """Training and decoding throughput / memory of LongVQ against a matched Transformer baseline.
 
     python -m evals.throughput [--arch longvq transformer] [--contexts 2048 4096 ... 131072]
-        [--tokens-per-step 65536] [--preset 125m|tiny] [--preset-file FILE.yaml] [--set ARCH.key=value]
+        [--tokens-per-step 65536] [--preset 125m|40m|tiny] [--preset-file FILE.yaml] [--set ARCH.key=value]
         [--decode-prompts 4096 65536] [--decode-tokens 128] [--out-dir evals/results] [--tag NAME]
         [--attention-impl auto] [--attn-backends cudnn flash] [--peak-flops 989e12]
 
@@ -19,6 +19,9 @@ arm, ARCH = longvq | transformer | all, e.g. `--set longvq.longvq.chunk_size=256
                rather than shrunk to hit 1.00: the LongVQ arm is the larger one, so the comparison is
                conservative for it. 12 heads give head dims 64 (q/k) and 128 (v), inside the 64-128
                range the fused kernel and SDPA are tuned for.
+  40m          the quality race's models (evals/quality_race.py, docs/quality.md): 12 layers, d_model 512,
+               vocab 256; LongVQ C = S = 512, 8 heads, z_dim 512, residual=add, local_raw_keys, query_norm,
+               dead_code_reseed=batch (41,560,672); Transformer 8 x 64, SwiGLU 1536 (41,038,336).
   tiny         CPU smoke test: 2 layers, d_model 64, vocab 256; LongVQ C = S = 16, 2 heads.
 The parameter counts of both arms are printed with their ratio; the run stops (exit 2) when they differ
 by more than --param-tolerance (default 10 %).
@@ -99,6 +102,18 @@ PRESETS: dict[str, dict] = {
         "longvq": {"longvq": {"chunk_size": 512, "codebook_size": 512, "n_heads": 12, "z_dim": 768,
                               "ema_dim": 16}},
         "transformer": {"transformer": {"n_heads": 12}},
+    },
+    # The quality race's models (evals/quality_race.py, issue 7): bytes, d_model 512, about 41M parameters each.
+    # LongVQ with the options the H200 race sweeps chose (docs/quality.md, 2026-11-29): a plain residual (MEGA's
+    # gated one halves the residual stream in each of the 12 layers: 2.01 -> 1.57 bpb at 4K), exact local keys
+    # and RMS-normalised queries (2.34 -> 2.01), dead codes re-seeded from the batch (every layer >= 50 % of its
+    # codes, same bpb). --set longvq.longvq.residual=gated etc. gives MEGA's block back.
+    "40m": {
+        "common": {"vocab_size": 256, "d_model": 512, "n_layers": 12, "tie_embeddings": True},
+        "longvq": {"longvq": {"chunk_size": 512, "codebook_size": 512, "n_heads": 8, "z_dim": 512, "ema_dim": 16,
+                              "residual": "add", "local_raw_keys": True, "query_norm": True,
+                              "dead_code_reseed": "batch"}},
+        "transformer": {"ffn_dim": 1536, "transformer": {"n_heads": 8}},
     },
     "tiny": {
         "common": {"vocab_size": 256, "d_model": 64, "n_layers": 2, "tie_embeddings": True},
