@@ -66,10 +66,8 @@ def test_streaming_equals_full_pass(tiny_model_config, arch, impl):
     assert_close(torch.cat(outs, dim=1), full, torch.float32, msg=f"{arch}/{impl}")
 
 
-@pytest.mark.parametrize("arch,impl", ARCHS)
-def test_token_by_token_decode_equals_parallel(tiny_model_config, arch, impl):
-    model = _model(tiny_model_config, arch, impl)
-    tokens = torch.randint(0, 32, (1, 14))
+def decode_token_by_token(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(parallel logits, logits of one-token-at-a-time decoding with carried state), both (B, T, V)."""
     with torch.no_grad():
         full = model(tokens).logits
         state, outs = None, []
@@ -77,7 +75,14 @@ def test_token_by_token_decode_equals_parallel(tiny_model_config, arch, impl):
             out = model(tokens[:, t:t + 1], state=state, return_state=True)
             outs.append(out.logits)
             state = out.state
-    assert_close(torch.cat(outs, dim=1), full, torch.float32, msg=f"{arch}/{impl} decode")
+    return full, torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("arch,impl", ARCHS)
+def test_token_by_token_decode_equals_parallel(tiny_model_config, arch, impl):
+    model = _model(tiny_model_config, arch, impl)
+    full, decoded = decode_token_by_token(model, torch.randint(0, 32, (1, 14)))
+    assert_close(decoded, full, torch.float32, msg=f"{arch}/{impl} decode")
 
 
 def test_longvq_decode_state_is_constant_size(tiny_model_config):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lm.config import ConfigError, LongVQConfig, ModelConfig, from_dict
 from lm.model import build_model
 from lm.model.common import rms_normalize
-from tests.model.test_invariants import first_leak
+from tests.model.test_invariants import decode_token_by_token, first_leak
 
 OPTIONS = [dict(key_norm="center_rms"), dict(query_norm=True), dict(key_norm="center_rms", query_norm=True)]
 
@@ -129,11 +129,5 @@ def test_query_temperature_decode_matches_parallel(tiny_model_config):
     with torch.no_grad():
         for block in model.blocks:
             block.mixer.log_q_scale.fill_(0.8)
-        tokens = torch.randint(0, 32, (1, 13))
-        full = model(tokens).logits
-        state, steps = None, []
-        for t in range(13):
-            out = model(tokens[:, t:t + 1], state=state, return_state=True)
-            state = out.state
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-9, rtol=1e-7)
+    full, decoded = decode_token_by_token(model, torch.randint(0, 32, (1, 13)))
+    torch.testing.assert_close(decoded, full, atol=1e-9, rtol=1e-7)

@@ -9,7 +9,7 @@ import torch
 
 from lm.config import ConfigError, LongVQConfig, ModelConfig, from_dict
 from lm.model import build_model
-from tests.model.test_invariants import first_leak
+from tests.model.test_invariants import decode_token_by_token, first_leak
 from tests.tolerances import assert_close
 
 
@@ -49,11 +49,5 @@ def test_add_residual_is_causal_and_decodes_like_the_parallel_pass(tiny_model_co
     tokens = torch.randint(0, 32, (1, 19))  # chunk 4: positions >= 8 read the code cache
     for t in [0, 4, 9, 17]:
         assert first_leak(model, tokens, t) is None, f"logits up to {t} depend on later tokens"
-    with torch.no_grad():
-        full = model(tokens).logits
-        state, outs = None, []
-        for t in range(tokens.shape[1]):
-            out = model(tokens[:, t:t + 1], state=state, return_state=True)
-            outs.append(out.logits)
-            state = out.state
-    assert_close(torch.cat(outs, dim=1), full, torch.float32, msg=f"{impl} decode with residual=add")
+    full, decoded = decode_token_by_token(model, tokens)
+    assert_close(decoded, full, torch.float32, msg=f"{impl} decode with residual=add")
