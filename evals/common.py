@@ -5,6 +5,7 @@ export dir written by `python -m lm.checkpoint export` (model.safetensors + conf
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,6 +21,13 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write an evaluation result as indented JSON, creating the parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
 
 
 def _load_export(folder: Path) -> tuple[RunConfig, dict]:

@@ -16,17 +16,17 @@ chunked reference against the dense oracle the same way.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
 from evals import quality_race as qr
 from evals import throughput as tp
+from evals.common import pick_device, write_json
 from lm.config import DataConfig
 from lm.data import WindowSampler, load_stream
 from lm.model import LanguageModel
+from lm.parallel.compile import set_tf32
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,11 +72,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     args = p.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     if "fused" in args.impls and device.type != "cuda":
         print("error: --impls ... fused needs a CUDA GPU; on the CPU use --impls chunked dense", file=sys.stderr)
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = False
+    set_tf32(False)
     cfg = tp.model_configs(qr.PRESETS[args.preset], args.overrides)["longvq"]
     torch.manual_seed(args.seed)
     model = LanguageModel(cfg).to(device)
@@ -120,8 +120,7 @@ def main(argv=None) -> int:
         for n, e in r["worst"][:4]:
             print(f"    {n}: {e:.2e}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
     return 0
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from evals.common import load_for_eval, pick_device
+from evals.common import load_for_eval, pick_device, write_json
 from lm.data import load_stream
 from lm.data.tokenizer import BYTE, load_tokenizer
 from lm.data.wikitext import count_words
@@ -247,8 +247,7 @@ def main(argv=None) -> int:
           f"{result['tokens']} tokens, loss {result['loss']:.4f} nats, ppl {result['ppl']:.3f}, "
           f"bits/byte {result['bpb']:.4f}" + (f", word ppl {result['word_ppl']:.2f}" if "word_ppl" in result else ""))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
     return 0
 
 

@@ -92,6 +92,7 @@ import torch.nn.functional as F
 import yaml
 
 from evals import throughput as tp
+from evals.common import pick_device
 from lm.config import ConfigError, DataConfig, ModelConfig, OptimConfig, from_dict, to_dict
 from lm.data import WindowSampler, load_stream
 from lm.metrics import capture_attention_inputs
@@ -792,7 +793,7 @@ def merge(paths: list[str], out_dir: Path, tag: str) -> dict:
 
 
 def run_race(args) -> dict:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     cfgs = tp.model_configs(PRESETS[args.preset], args.overrides)
     params = {a: tp.count_params(c) for a, c in cfgs.items()}
     print("parameters: " + ", ".join(f"{a} {n:,}" for a, n in params.items())

@@ -83,6 +83,7 @@ from typing import Optional
 import torch
 import yaml
 
+from evals.common import pick_device
 from lm.config import ConfigError, ModelConfig, RunConfig, from_dict
 from lm.model import build_model
 from lm.parallel.activation_checkpointing import apply_activation_checkpointing
@@ -544,7 +545,7 @@ def parse_args(argv):
 
 
 def run_benchmark(args) -> list[dict]:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     preset = PRESETS[args.preset]
     if args.preset_file:
         preset = yaml.safe_load(Path(args.preset_file).read_text()) or {}
