@@ -20,7 +20,7 @@ def compile_blocks(blocks, backend: str = "inductor") -> None:
     and the original forward (`eager_blocks` flips it), so wrappers applied later around `forward`
     (activation checkpointing) stay in place in both modes."""
     for block in blocks:
-        if not getattr(block, "_compiled", False):
+        if not hasattr(block, "_compiled_forward"):
             eager = block.forward
             compiled = torch.compile(eager, backend=backend, dynamic=False)
 
@@ -30,7 +30,6 @@ def compile_blocks(blocks, backend: str = "inductor") -> None:
 
             block._eager_forward, block._compiled_forward, block._run_eager = eager, compiled, False
             block.forward = forward
-            block._compiled = True
 
 
 def set_tf32(enabled: bool) -> None:
@@ -49,7 +48,7 @@ def maybe_compile(model: nn.Module, enabled: bool, backend: str) -> None:
 def eager_blocks(model: nn.Module):
     """Inside: compiled blocks run their original eager forward (under any wrapper applied after
     compiling, e.g. activation checkpointing). No-op for a model never compiled."""
-    blocks = [b for b in getattr(model, "blocks", []) if getattr(b, "_compiled", False)]
+    blocks = [b for b in getattr(model, "blocks", []) if hasattr(b, "_compiled_forward")]
     previous = [b._run_eager for b in blocks]
     for block in blocks:
         block._run_eager = True
