@@ -4,21 +4,12 @@
 import json
 
 import pytest
-import torch
 
 from evals import fused_gradcheck as fg
 from lm.model import longvq as longvq_module
 
 ARGS = ["--preset", "tiny", "--context", "64", "--train-steps", "2", "--batch", "2", "--check-batch", "2",
         "--impls", "chunked", "dense", "--device", "cpu"]
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_chunked_and_dense_agree_on_the_whole_model(tmp_path, one_thread):
