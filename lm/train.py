@@ -30,7 +30,7 @@ from lm.optim import param_groups, scheduler_factory
 from lm.parallel.activation_checkpointing import apply_activation_checkpointing
 from lm.parallel.compile import maybe_compile, set_tf32
 from lm.parallel.deepspeed_config import build_deepspeed_config, use_bf16
-from lm.parallel.dist import all_reduce_codebook_stats, ensure_launcher_env, init_distributed
+from lm.parallel.dist import all_reduce_codebook_stats, ensure_launcher_env, init_distributed, shutdown_distributed
 from lm.parallel.topology import describe_topology
 
 log = logging.getLogger("lm.train")
@@ -432,6 +432,7 @@ def main(argv=None) -> int:
             print(dry_run_report(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1"))))
             return 0
         train(cfg, resume=args.resume)
+        shutdown_distributed()
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

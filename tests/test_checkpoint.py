@@ -157,7 +157,9 @@ def test_full_disk_while_saving_publishes_nothing(tmp_path, cache):
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, cache):
     run = tmp_path / "run"
     args = TRAIN_ARGS + [f"train.run_dir={run}", f"data.cache_dir={cache}", "train.max_steps=100000"]
-    proc = _python(f"import sys\nfrom lm.train import main\nsys.exit(main({args!r}))")
+    # exit status 9 if the run left its process group up (lm.parallel.dist.shutdown_distributed)
+    proc = _python(f"import sys\nimport torch.distributed as dist\nfrom lm.train import main\nrc = main({args!r})\n"
+                   f"sys.exit(9 if dist.is_initialized() else rc)")
     lines = []
     for line in proc.stdout:
         lines.append(line)
