@@ -21,10 +21,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-from lm.config import LongVQConfig, ModelConfig, TransformerConfig
-from lm.model import build_model
+from lm.config import DataConfig, LongVQConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, TransformerConfig
+from lm.engine import TorchEngine, TrainLoop, eval_mode, token_nll
+from lm.optim import StepSchedule
 
 VOCAB = 32
 
@@ -51,23 +51,33 @@ def _config(variant: str, args) -> ModelConfig:
                        transformer=TransformerConfig(n_heads=2))
 
 
+class PeriodicTokens:
+    """Sampler (lm.engine.TrainLoop's interface) of fresh period-P sequences, deterministic in the samples consumed."""
+
+    def __init__(self, context: int, period: int, seed: int):
+        self.context, self.period, self.seed = context, period, seed
+
+    def micro_batch(self, consumed: int, micro: int, rank: int, dp: int, batch: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + consumed + (micro * dp + rank) * batch)
+        return _batch(g, batch, self.context, self.period)
+
+
 def probe(variant: str, args) -> dict:
-    torch.manual_seed(args.seed)
-    model = build_model(_config(variant, args)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98))
-    gen = torch.Generator().manual_seed(args.seed + 1)
+    cfg = RunConfig(model=_config(variant, args),
+                    optim=OptimConfig(lr=args.lr, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.01, grad_clip=0.0),
+                    train=TrainConfig(seed=args.seed, micro_batch_size=args.batch, max_steps=args.steps, precision="fp32"),
+                    data=DataConfig(seq_len=args.context))
+    engine = TorchEngine(cfg, device=torch.device("cpu"))
+    loop = TrainLoop(engine, PeriodicTokens(args.context, args.period, args.seed + 1), StepSchedule(cfg.optim, args.steps),
+                     micro_batch_size=args.batch, max_steps=args.steps)
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        x, y = _batch(gen, args.batch, args.context, args.period)
-        out = model(x, targets=y)
-        opt.zero_grad(set_to_none=True)
-        (out.loss + out.aux_loss).backward()
-        opt.step()
-        model.apply_codebook_updates()
-    model.eval()
-    with torch.no_grad():
-        x, y = _batch(torch.Generator().manual_seed(10_000 + args.seed), 64, args.context, args.period)
-        nll = F.cross_entropy(model(x).logits.reshape(-1, VOCAB), y.reshape(-1), reduction="none").view(64, -1)
+    engine.train()
+    while not loop.done():
+        loop.step()
+    model = engine.module
+    x, y = _batch(torch.Generator().manual_seed(10_000 + args.seed), 64, args.context, args.period)
+    with eval_mode(model), torch.no_grad():
+        nll = token_nll(model(x).logits, y)
     P = args.period
     return {"variant": variant, "period": P, "steps": args.steps, "first_period_loss": float(nll[:, :P - 1].mean()),
             "repeat_loss": float(nll[:, P:].mean()), "chance": math.log(VOCAB), "train_s": time.perf_counter() - t0}

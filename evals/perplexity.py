@@ -31,6 +31,7 @@ For WikiText-103 raw this drops nothing: every split starts with the blank line 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -38,10 +39,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from evals.common import load_for_eval, pick_device, write_json
 from lm.data import load_stream
+from lm.engine import score
 from lm.data.tokenizer import BYTE, load_tokenizer
 from lm.data.wikitext import count_words
 
@@ -60,73 +61,16 @@ def parse_args(argv):
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N targets (quick checks)")
     p.add_argument("--device", default="auto")
     p.add_argument("--untrained", action="store_true", help="score a freshly initialised model of the same config")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"],
+                   help="fp32 (exact scoring) or bf16 autocast (faster on GPU)")
     p.add_argument("--json", default=None, help="write the result JSON here")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
-
-
-def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed NLL in nats over the given positions (float64 accumulation)."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").double()
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not enabled, dynamic_ncols=True)
-
-
-@torch.no_grad()
-def score_disjoint(model, tokens: torch.Tensor, context: int, batch_size: int, device, progress=False) -> float:
-    """tokens: 1-D LongTensor; scores targets tokens[1:] in windows of `context`."""
-    n_targets = len(tokens) - 1
-    starts = list(range(0, n_targets, context))
-    total = 0.0
-    with _progress(n_targets, progress, "disjoint") as bar:
-        full = [s for s in starts if s + context <= n_targets]
-        for i in range(0, len(full), batch_size):
-            group = full[i: i + batch_size]
-            x = torch.stack([tokens[s: s + context] for s in group]).to(device)
-            y = torch.stack([tokens[s + 1: s + context + 1] for s in group]).to(device)
-            total += float(_nll(model(x).logits, y))
-            bar.update(len(group) * context)
-        for s in starts[len(full):]:
-            x, y = tokens[s:n_targets][None].to(device), tokens[s + 1:][None].to(device)
-            total += float(_nll(model(x).logits, y))
-            bar.update(n_targets - s)
-    return total
-
-
-@torch.no_grad()
-def score_sliding(model, tokens: torch.Tensor, context: int, stride: int, device, progress=False) -> float:
-    n_targets = len(tokens) - 1
-    total, scored_to = 0.0, 0  # targets [0, scored_to) are done (target t predicts tokens[t + 1])
-    with _progress(n_targets, progress, "sliding") as bar:
-        for begin in range(0, n_targets, stride):
-            end = min(begin + context, n_targets)
-            logits = model(tokens[begin:end][None].to(device)).logits
-            first = scored_to - begin  # score only the targets no earlier window scored
-            total += float(_nll(logits[:, first:], tokens[scored_to + 1:end + 1][None].to(device)))
-            bar.update(end - scored_to)
-            scored_to = end
-            if end == n_targets:
-                break
-    return total
-
-
-@torch.no_grad()
-def score_carry(model, tokens: torch.Tensor, segment: int, device, progress=False) -> float:
-    n_targets = len(tokens) - 1
-    total, state = 0.0, None
-    with _progress(n_targets, progress, "carry") as bar:
-        for s in range(0, n_targets, segment):
-            e = min(s + segment, n_targets)
-            out = model(tokens[s:e][None].to(device), state=state, return_state=True)
-            state = out.state
-            total += float(_nll(out.logits, tokens[s + 1:e + 1][None].to(device)))
-            bar.update(e - s)
-    return total
+    args = p.parse_args(argv)
+    for name in ("context_len", "stride", "batch_size", "max_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return args
 
 
 def first_token_units(first: bytes, after: bytes) -> tuple[int, int]:
@@ -189,17 +133,12 @@ def evaluate(args) -> dict:
     if n < 2:
         raise ValueError(f"{stream.name} has {n} tokens: nothing to score")
     tokens = torch.from_numpy(stream.tokens[:n].astype("int64"))
-    context = args.context_len or cfg.data.seq_len
+    context = args.context_len if args.context_len is not None else cfg.data.seq_len
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16-mixed"
+                else contextlib.nullcontext)
+    nll = score(model, tokens, mode=args.mode, context=context, stride=args.stride, batch_size=args.batch_size,
+                device=device, autocast=autocast, progress=not args.no_progress).nll_sum
     stride = args.stride or max(1, context // 2)
-    show = not args.no_progress
-    if args.mode == "disjoint":
-        nll = score_disjoint(model, tokens, context, args.batch_size, device, show)
-    elif args.mode == "sliding":
-        if not 1 <= stride <= context:
-            raise ValueError(f"--stride must be in [1, --context-len={context}]")
-        nll = score_sliding(model, tokens, context, stride, device, show)
-    else:
-        nll = score_carry(model, tokens, context, device, show)
     scored = n - 1  # tokens[1:n]: the first token is context only (see the module docstring)
     first_units = None  # (bytes, words) of the text only the unscored first token holds
     whole = n == len(stream.tokens)  # the whole split is scored (no --max-tokens cut)
@@ -218,7 +157,7 @@ def evaluate(args) -> dict:
         "stride": stride if args.mode == "sliding" else None,
         "tokens": scored, "nll_sum": nll, "ppl": math.exp(nll / scored), "loss": nll / scored,
         "bytes": n_bytes, "bpb": nll / math.log(2) / n_bytes,
-        "checkpoint": ckpt, "untrained": args.untrained, "arch": cfg.model.arch,
+        "precision": args.precision, "checkpoint": ckpt, "untrained": args.untrained, "arch": cfg.model.arch,
         "params": sum(p.numel() for p in model.parameters()), "device": str(device),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

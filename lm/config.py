@@ -152,8 +152,9 @@ class TrainConfig:
     """Sequences per process per forward/backward."""
     grad_accum_steps: int = 1
     seed: int = 1234
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto = bf16 on GPU, fp32 on CPU."""
+    precision: Literal["auto", "fp32", "bf16", "bf16-mixed"] = "auto"
+    """fp32; bf16 = bf16 weights and activations with fp32 master weights in the optimizer; bf16-mixed = fp32
+    weights under bf16 autocast. auto = fp32 on CPU, the faster bf16 mode on GPU (lm.engine.GPU_DEFAULT_PRECISION)."""
     log_every: int = 10
     save_every: int = 0
     """Save a checkpoint every N optimizer steps (0 = only at the end)."""

@@ -4,6 +4,8 @@
 
 Works as a plain process (one CPU or GPU), under torchrun/srun, and under the `deepspeed` launcher.
 Topology: data parallel x pipeline (`parallel.pipeline_stages`), ZeRO stage `parallel.zero_stage`.
+The step itself is lm.engine's (the same code the benchmark times): this module builds the engine, plans
+resumes, runs the loop with its checkpoints, evaluations, preemption and non-finite-loss policy, and logs.
 """
 
 from __future__ import annotations
@@ -14,23 +16,22 @@ import logging
 import math
 import os
 import signal
+import statistics
 import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 
 from lm import checkpoint
 from lm.config import ConfigError, RunConfig, dump_config, load_config
 from lm.data import WindowSampler, load_stream
+from lm.engine import DeepSpeedEngine, LoopState, TrainLoop, eval_mode, score
 from lm.metrics import MetricsLogger, attention_mass_scalars, flops_per_token, peak_flops, summarize_codebooks
-from lm.model import build_model
-from lm.optim import param_groups, scheduler_factory
-from lm.parallel.activation_checkpointing import apply_activation_checkpointing
-from lm.parallel.compile import maybe_compile, set_tf32
-from lm.parallel.deepspeed_config import build_deepspeed_config, use_bf16
-from lm.parallel.dist import all_reduce_codebook_stats, ensure_launcher_env, init_distributed, shutdown_distributed
+from lm.optim import StepSchedule
+from lm.parallel.compile import eager_blocks
+from lm.parallel.dist import ensure_launcher_env, init_distributed, shutdown_distributed
 from lm.parallel.topology import describe_topology
 
 log = logging.getLogger("lm.train")
@@ -60,111 +61,34 @@ def parse_args(argv):
     return args
 
 
-@torch.no_grad()
-def grad_norm_of(module: torch.nn.Module) -> float:
-    grads = [p.grad.float().norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
-
-
-@torch.no_grad()
-def evaluate_loss(model, sampler: WindowSampler, batches: int, batch_size: int, device, loss_chunk_tokens: int = 0) -> float:
-    """Mean held-out loss over the first `batches` fixed windows (cheap in-training signal)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for b in range(batches):
-        start = b * batch_size
-        if start + batch_size > sampler.n_windows:
-            break
-        x, y = sampler.samples(start, batch_size)
-        total += model(x.to(device), targets=y.to(device), loss_chunk_tokens=loss_chunk_tokens).loss.item()
-        count += 1
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def _attention_mass(model, sampler: WindowSampler, device) -> dict:
-    """Share of attention mass on the code cache vs the local window, on one held-out window."""
-    was_training = model.training
-    model.eval()
-    try:
-        return attention_mass_scalars(model, sampler.samples(0, 1)[0].to(device))
-    finally:
-        model.train(was_training)
-
-
-def _sum_over_world(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
-        tdist.all_reduce(t)
-    return t.tolist()
-
-
-def _codebook_metrics(quantizers, gather: bool) -> dict:
-    """Per-layer codebook health from this step's (already data-parallel-summed) statistics."""
-    local = {f"layer{i}/{k}": v for i, vq in quantizers for k, v in vq.step_metrics().items()}
-    if gather and tdist.is_initialized() and tdist.get_world_size() > 1:  # pipeline: layers live on other ranks
-        parts = [None] * tdist.get_world_size()
-        tdist.all_gather_object(parts, local)
-        local = {k: v for part in parts for k, v in part.items()}
-    return local
-
-
 class Trainer:
-    """Builds the engine for the configured topology and runs optimizer steps."""
+    """Builds the engine for the configured topology, plans resumes and saves checkpoints."""
 
     def __init__(self, cfg: RunConfig, resume: str | None = None):
         self.cfg = cfg
         ensure_launcher_env()
-        deepspeed = init_distributed()
+        init_distributed()
         self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        self.on_gpu = torch.cuda.is_available()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         self.pp = cfg.parallel.pipeline_stages
         if self.world % self.pp:
             raise ConfigError(f"parallel.pipeline_stages={self.pp} does not divide the {self.world} processes")
-        self.dp = self.world // self.pp
         self.ckpt_root = Path(cfg.train.run_dir) / "checkpoints"
         self.resume_plan = self._plan_resume(resume) if resume else None
         # A pipeline checkpoint keeps the pipeline layout (parameter names) even on one stage.
-        self.pipelined = self.pp > 1 or bool(self.resume_plan and self.resume_plan["layout"] == "pipeline")
-
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model)
-        self.n_params = model.num_params()
-        maybe_compile(model, cfg.train.compile, cfg.train.compile_backend)
-        set_tf32(cfg.train.tf32)
-        if cfg.parallel.activation_checkpointing:
-            apply_activation_checkpointing(model.blocks, cfg.parallel.activation_checkpointing_blocks)
-        if self.pipelined:
-            from lm.parallel.pipeline import PipelineLoss, build_pipeline, pipeline_quantizers
-
-            self.loss_fn = PipelineLoss()
-            net = build_pipeline(model, self.pp, self.loss_fn)
-            self.quantizers = pipeline_quantizers(net)
-        else:
-            net, self.loss_fn = model, None
-            self.quantizers = model.named_quantizers()
-        self.ds_config = build_deepspeed_config(cfg.train, cfg.optim, cfg.parallel, self.dp, self.on_gpu)
-        if self.resume_plan and self.resume_plan["universal"]:
-            self.ds_config["checkpoint"] = {"load_universal": True}
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=net, model_parameters=param_groups(net, cfg.optim.weight_decay), config=self.ds_config,
-            lr_scheduler=scheduler_factory(cfg.optim, cfg.train.max_steps))
-        for _, vq in self.quantizers:
-            vq.keep_fp32()
-        if self.pipelined:
-            grid = self.engine.grid
-            self.dp_rank, self.dp_group = grid.get_data_parallel_rank(), grid.get_data_parallel_group()
-        else:
-            self.dp_rank, self.dp_group = self.rank, None
-        self.step, self.consumed = 0, 0
+        pipelined = self.pp > 1 or bool(self.resume_plan and self.resume_plan["layout"] == "pipeline")
+        self.engine = DeepSpeedEngine(cfg, self.world, pipelined=pipelined,
+                                      load_universal=bool(self.resume_plan and self.resume_plan["universal"]))
+        self.device, self.dp = self.engine.device, self.engine.dp_size
+        self.state = LoopState()
         self.nonfinite_events = 0
         self.stop_requested = False  # set by SIGTERM/SIGUSR1: finish the step, save, exit 0
         self.last_saved = None  # (root, tag) of the newest checkpoint this run can roll back to
         if self.resume_plan:
             self._load(self.resume_plan)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
 
     # -- checkpoints -----------------------------------------------------------------------
     def _plan_resume(self, resume: str) -> dict | None:
@@ -226,105 +150,46 @@ class Trainer:
                 "layout": layout}
 
     def _load(self, plan: dict) -> None:
-        checkpoint.load(self.engine, Path(plan["load_root"]), plan["tag"])
+        checkpoint.load(self.engine.ds, Path(plan["load_root"]), plan["tag"])
         state = checkpoint.load_trainer_state(Path(plan["root"]), plan["tag"])
-        self.step, self.consumed = state["step"], state["consumed_samples"]
+        s = self.state  # mutated in place: the training loop holds the same object
+        s.step, s.consumed = state["step"], state["consumed_samples"]
+        s.updates, s.elapsed = int(state.get("updates", state["step"])), float(state.get("elapsed_s", 0.0))
         self.nonfinite_events = int(state.get("nonfinite_events", 0))
         checkpoint.restore_rng(state)
         self.last_saved = (Path(plan["root"]), plan["tag"])
         if self.rank == 0:
-            log.info("resumed at step %d (%d samples consumed)", self.step, self.consumed)
+            log.info("resumed at step %d (%d samples consumed)", self.state.step, self.state.consumed)
 
     def save(self) -> Path:
-        cfg = self.cfg
-        path = checkpoint.save(self.engine, cfg, self.ckpt_root, self.step, self.consumed, self.world,
-                               self.rank == 0, cfg.train.keep_last, extra={"nonfinite_events": self.nonfinite_events},
-                               layout="pipeline" if self.pipelined else "plain")
+        cfg, s = self.cfg, self.state
+        path = checkpoint.save(self.engine.ds, cfg, self.ckpt_root, s.step, s.consumed, self.world, self.rank == 0,
+                               cfg.train.keep_last, layout="pipeline" if self.engine.pipelined else "plain",
+                               extra={"nonfinite_events": self.nonfinite_events, "updates": s.updates, "elapsed_s": s.elapsed})
         self.last_saved = (self.ckpt_root, path.name)
         return path
 
-    def _nonfinite(self, where: str) -> None:
-        """Count a non-finite loss; halt when the policy says so or the budget is spent."""
+    def handle_nonfinite(self, events: int) -> None:
+        """Count a step with non-finite losses; halt when the policy says so or the budget is spent;
+        rollback reloads the last checkpoint and keeps going past the data consumed so far."""
         policy = self.cfg.train.on_nonfinite
         self.nonfinite_events += 1
+        where = f"{events} non-finite micro-batch(es)"
         if policy == "halt" or self.nonfinite_events > self.cfg.train.max_skipped_steps:
             why = "train.on_nonfinite=halt" if policy == "halt" else f"more than train.max_skipped_steps={self.cfg.train.max_skipped_steps} events"
-            raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} ({where}); stopping ({why})")
+            raise NonFiniteLoss(f"non-finite loss at step {self.state.step} ({where}); stopping ({why})")
         if self.rank == 0:
-            log.warning("non-finite loss at step %d (%s): %s (event %d of at most %d)", self.step + 1, where,
+            log.warning("non-finite loss at step %d (%s): %s (event %d of at most %d)", self.state.step, where,
                         policy, self.nonfinite_events, self.cfg.train.max_skipped_steps)
-
-    def _rollback(self) -> None:
-        """Reload the last good checkpoint; keep going past the data consumed so far (the bad batch included)."""
-        if self.last_saved is None:
-            if self.rank == 0:
-                log.warning("rollback requested but no checkpoint exists yet: the step was skipped instead")
-            return
-        root, tag = self.last_saved
-        consumed = self.consumed
-        events = self.nonfinite_events
-        self._load({"root": str(root), "tag": tag, "load_root": str(root), "universal": False, "layout": None})
-        self.consumed, self.nonfinite_events = consumed, events
-
-    # -- one optimizer step ----------------------------------------------------------------
-    def train_step(self, sampler: WindowSampler) -> dict:
-        cfg, engine = self.cfg, self.engine
-        micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
-        batches = [sampler.micro_batch(self.consumed, m, self.dp_rank, self.dp, micro) for m in range(accum)]
-        grad_norm = None
-        bad = 0.0  # non-finite micro-batches seen by this rank
-        if self.pipelined:
-            engine.train_batch(data_iter=iter(batches))
-            ce_sum, aux_sum, count = self.loss_fn.pop()  # non-zero on the last stage only
-            bad = float(not math.isfinite(ce_sum + aux_sum))
-        else:
-            ce_sum, aux_sum, count = 0.0, 0.0, 0
-            fallback_norm = cfg.parallel.zero_stage == 0 and not use_bf16(cfg.train, self.on_gpu)
-            for m, (x, y) in enumerate(batches):
-                out = engine(x.to(self.device), targets=y.to(self.device), loss_chunk_tokens=cfg.train.loss_chunk_tokens)
-                ce = out.loss
-                loss = ce + out.aux_loss
-                if torch.isfinite(loss.detach()):
-                    engine.backward(loss)
-                    ce_sum += ce.item()
-                    aux_sum += float(out.aux_loss.detach())
-                    count += 1
-                else:  # every rank learns of it through the all-reduce below, then all halt/skip together
-                    bad += 1  # this micro-batch contributes an exact zero gradient
-                    engine.backward(sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0)
-                if m == accum - 1:
-                    if fallback_norm:  # DeepSpeed records no grad norm for fp32 ZeRO-0
-                        grad_norm = grad_norm_of(engine.module)
-                    if _sum_over_world([bad], self.device)[0] > 0:
-                        for group in engine.optimizer.param_groups:
-                            group["lr"] = 0.0  # no parameter update this step (the scheduler restores the lr)
-                engine.step()
-        ce_sum, aux_sum, count, bad_total, stop = _sum_over_world([ce_sum, aux_sum, count, bad, float(self.stop_requested)], self.device)
-        self.stop_requested = stop > 0
-        all_reduce_codebook_stats([vq for _, vq in self.quantizers], self.dp_group)
-        if bad_total > 0 or count == 0:
-            for _, vq in self.quantizers:  # statistics of a skipped step are dropped with it
-                vq.reset_stats()
-            self._nonfinite(f"{int(bad_total)} non-finite micro-batch(es)")
-            self.step += 1
-            self.consumed += micro * accum * self.dp
-            if cfg.train.on_nonfinite == "rollback":
-                self._rollback()
-            return {"train/nonfinite_events": float(self.nonfinite_events), "train/skipped": 1.0}
-        loss = ce_sum / count
-        scalars = {"train/loss": loss, "train/commit_loss": aux_sum / count, "train/lr": self.scheduler.get_last_lr()[0]}
-        if self.quantizers or self.pipelined:
-            scalars.update(summarize_codebooks(_codebook_metrics(self.quantizers, gather=self.pp > 1)))
-        for _, vq in self.quantizers:
-            vq.apply_update()
-        if grad_norm is None:
-            grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None:
-            scalars["train/grad_norm"] = float(grad_norm)
-        scalars["train/nonfinite_events"] = float(self.nonfinite_events)
-        self.step += 1
-        self.consumed += micro * accum * self.dp
-        return scalars
+        if policy == "rollback":
+            if self.last_saved is None:
+                if self.rank == 0:
+                    log.warning("rollback requested but no checkpoint exists yet: the step was skipped instead")
+                return
+            root, tag = self.last_saved
+            consumed, events_so_far = self.state.consumed, self.nonfinite_events
+            self._load({"root": str(root), "tag": tag, "load_root": str(root), "universal": False, "layout": None})
+            self.state.consumed, self.nonfinite_events = consumed, events_so_far
 
 
 def _install_preemption_handlers(trainer: Trainer) -> dict:
@@ -343,10 +208,61 @@ def _install_preemption_handlers(trainer: Trainer) -> dict:
     return previous
 
 
+def heldout_tokens(cfg: RunConfig, batches: int) -> torch.Tensor:
+    """The first `batches` x micro-batch windows of the validation split (plus one token), for the
+    in-training evaluation."""
+    valid = load_stream(cfg.data, "valid").tokens
+    n = min(len(valid), batches * cfg.train.micro_batch_size * cfg.data.seq_len + 1)
+    if n < 2:
+        raise ConfigError(f"the validation split has {len(valid)} tokens: nothing to evaluate; set train.eval_every=0")
+    return torch.from_numpy(np.asarray(valid[:n]).astype(np.int64))
+
+
+def evaluate_heldout(engine, cfg: RunConfig, tokens: torch.Tensor) -> dict:
+    """valid/loss and valid/bpb (disjoint windows of data.seq_len), plus the attention-mass split."""
+    model = engine.module
+    with eval_mode(model), eager_blocks(model):  # evaluation shapes must not trigger recompiles
+        result = score(model, tokens, mode="disjoint", context=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size,
+                       device=engine.device, autocast=engine.autocast)
+        scalars = {"valid/loss": result.loss, "valid/bpb": result.loss / math.log(2)}
+        with torch.no_grad(), engine.autocast():
+            scalars.update(attention_mass_scalars(model, tokens[: cfg.data.seq_len][None].to(engine.device)))
+    return scalars
+
+
+def codebook_digests(quantizers) -> list[str] | None:
+    """sha256 of this process's codebook buffers, gathered from every process (data-parallel replicas must be
+    bit-identical; pipeline stages hold different layers). None without codebooks."""
+    import hashlib
+
+    digest = None
+    if quantizers:
+        h = hashlib.sha256()
+        for i, vq in quantizers:
+            for buf in (vq.c_sum, vq.c_count):
+                h.update(f"{i}:".encode())
+                h.update(buf.detach().float().cpu().numpy().tobytes())
+        digest = h.hexdigest()
+    parts = [digest]
+    if tdist.is_initialized() and tdist.get_world_size() > 1:  # collective: every process takes part
+        parts = [None] * tdist.get_world_size()
+        tdist.all_gather_object(parts, digest)
+    return parts if any(parts) else None
+
+
+def _steady_rate(rates: list[float]) -> float | None:
+    """Median tokens/s after warm-up (the first fifth of the steps, at least two, are compilation)."""
+    if not rates:
+        return None
+    skip = min(len(rates) - 1, max(2, len(rates) // 5))
+    return statistics.median(rates[skip:])
+
+
 def train(cfg: RunConfig, resume: str | None = None) -> dict:
     """Run training; returns a summary (final step, losses, codebooks) for scripts and tests."""
     run_dir = Path(cfg.train.run_dir)
     trainer = Trainer(cfg, resume=resume)
+    engine = trainer.engine
     rank, is_rank0 = trainer.rank, trainer.rank == 0
     if is_rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -356,52 +272,61 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
     if train_stream.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"data has vocab {train_stream.vocab_size} but model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
     sampler = WindowSampler(train_stream.tokens, cfg.data.seq_len, cfg.train.seed)
-    valid_sampler = None
-    if cfg.train.eval_every and trainer.pp == 1:
-        valid_sampler = WindowSampler(load_stream(cfg.data, "valid").tokens, cfg.data.seq_len, seed=0)
+    valid_tokens = heldout_tokens(cfg, cfg.train.eval_batches) if cfg.train.eval_every and not engine.pipelined else None
 
-    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
-    tokens_per_step = micro * accum * trainer.dp * cfg.data.seq_len
-    fpt = flops_per_token(cfg.model, trainer.n_params, cfg.data.seq_len)
-    peak = peak_flops(torch.cuda.get_device_name()) if trainer.on_gpu else None
-    metrics = MetricsLogger(run_dir, enabled=is_rank0, total_steps=cfg.train.max_steps, start_step=trainer.step,
-                            progress_bar=cfg.train.progress_bar)
-    metrics.text("config/deepspeed", json.dumps(trainer.ds_config, indent=1))
+    t = cfg.train
+    loop = TrainLoop(engine, sampler, StepSchedule(cfg.optim, t.max_steps), micro_batch_size=t.micro_batch_size,
+                     grad_accum_steps=t.grad_accum_steps, loss_chunk_tokens=t.loss_chunk_tokens,
+                     max_steps=t.max_steps, state=trainer.state)
+    tokens_per_step = loop.samples_per_step * cfg.data.seq_len
+    fpt = flops_per_token(cfg.model, engine.n_params, cfg.data.seq_len)
+    peak = peak_flops(torch.cuda.get_device_name()) if engine.device.type == "cuda" else None
+    metrics = MetricsLogger(run_dir, enabled=is_rank0, total_steps=t.max_steps, start_step=trainer.step,
+                            progress_bar=t.progress_bar)
+    metrics.text("config/deepspeed", json.dumps(engine.ds_config, indent=1))
     if is_rank0:
-        log.info("model %s: %.2fM parameters; %s; precision %s", cfg.model.arch, trainer.n_params / 1e6,
-                 describe_topology(cfg, trainer.world), "bf16" if use_bf16(cfg.train, trainer.on_gpu) else "fp32")
-        log.info("deepspeed config: %s", json.dumps(trainer.ds_config))
+        log.info("model %s: %.2fM parameters; %s; precision %s", cfg.model.arch, engine.n_params / 1e6,
+                 describe_topology(cfg, trainer.world), engine.precision)
+        log.info("deepspeed config: %s", json.dumps(engine.ds_config))
 
     previous_handlers = _install_preemption_handlers(trainer)
-    losses, preempted, saved_step = [], False, None
-    trainer.engine.train()
-    last_time = time.perf_counter()
+    losses, rates, preempted, saved_step = [], [], False, None
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    engine.train()
     try:
-        while trainer.step < cfg.train.max_steps:
-            scalars = trainer.train_step(sampler)
-            step = trainer.step
-            now = time.perf_counter()
-            dt, last_time = now - last_time, now
-            if "train/loss" in scalars:
-                losses.append(scalars["train/loss"])
-                scalars["train/step_time_s"] = dt
-                scalars["train/tokens_per_s"] = tokens_per_step / dt
-                scalars["train/tokens_per_s_per_gpu"] = tokens_per_step / dt / trainer.world
+        while not loop.done():
+            step = trainer.step + 1
+            log_now = step % t.log_every == 0 or step == t.max_steps
+            result = loop.step(stop=trainer.stop_requested, codebook_stats=log_now)
+            trainer.stop_requested = result.stop
+            if result.skipped:
+                trainer.handle_nonfinite(result.nonfinite)
+                scalars = {"train/nonfinite_events": float(trainer.nonfinite_events), "train/skipped": 1.0}
+            else:
+                losses.append(result.loss)
+                dt = result.step_time_s
+                rates.append(tokens_per_step / dt)
+                scalars = {"train/loss": result.loss, "train/commit_loss": result.aux_loss, "train/lr": result.lr,
+                           "train/step_time_s": dt, "train/tokens_per_s": tokens_per_step / dt,
+                           "train/tokens_per_s_per_gpu": tokens_per_step / dt / trainer.world,
+                           "train/nonfinite_events": float(trainer.nonfinite_events)}
                 if peak:
                     scalars["train/mfu"] = fpt * tokens_per_step / dt / trainer.world / peak
-                if valid_sampler is not None and step % cfg.train.eval_every == 0:
-                    scalars["valid/loss"] = evaluate_loss(trainer.engine.module, valid_sampler, cfg.train.eval_batches,
-                                                          micro, trainer.device, cfg.train.loss_chunk_tokens)
-                    scalars["valid/bpb"] = scalars["valid/loss"] / math.log(2)
-                    scalars.update(_attention_mass(trainer.engine.module, valid_sampler, trainer.device))
-            metrics.step(step, scalars, log_scalars=(step % cfg.train.log_every == 0 or step == cfg.train.max_steps))
+                if log_now:
+                    if result.grad_norm is not None:
+                        scalars["train/grad_norm"] = result.grad_norm_value()
+                    scalars.update(summarize_codebooks(result.codebook))
+                if valid_tokens is not None and step % t.eval_every == 0:
+                    scalars.update(evaluate_heldout(engine, cfg, valid_tokens))
+            metrics.step(step, scalars, log_scalars=log_now)
             if trainer.stop_requested:
                 preempted = True
                 break
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
+            if t.save_every and step % t.save_every == 0 and step < t.max_steps:
                 trainer.save()
                 saved_step = step
-        if cfg.train.max_steps > 0 and saved_step != trainer.step:
+        if t.max_steps > 0 and saved_step != trainer.step:
             path = trainer.save()
             if is_rank0:
                 log.info("%scheckpoint: %s", "preempted; " if preempted else "", path)
@@ -414,9 +339,19 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
         for sig, h in previous_handlers.items():
             signal.signal(sig, h)
         metrics.close()
-    return {"step": trainer.step, "consumed_samples": trainer.consumed, "losses": losses, "run_dir": str(run_dir),
-            "rank": rank, "preempted": preempted, "nonfinite_events": trainer.nonfinite_events,
-            "codebooks": {i: vq.c_sum.detach().cpu().clone() for i, vq in trainer.quantizers}}
+    summary = {"step": trainer.step, "consumed_samples": trainer.state.consumed, "losses": losses,
+               "run_dir": str(run_dir), "rank": rank, "preempted": preempted, "nonfinite_events": trainer.nonfinite_events,
+               "codebooks": {i: vq.c_sum.detach().cpu().clone() for i, vq in engine.quantizers}}
+    report = {"world_size": trainer.world, "steps": trainer.step, "tokens_per_step": tokens_per_step,
+              "tokens_per_s": _steady_rate(rates), "tokens_per_s_per_gpu": (_steady_rate(rates) or 0) / trainer.world or None,
+              "peak_mem_gib": torch.cuda.max_memory_allocated(engine.device) / 2**30 if engine.device.type == "cuda" else None,
+              "final_loss": losses[-1] if losses else None, "precision": engine.precision, "params": engine.n_params,
+              "preempted": preempted}
+    report["codebook_sha256_per_rank"] = codebook_digests(engine.quantizers)
+    summary["report"] = report
+    if is_rank0:
+        (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
+    return summary
 
 
 def main(argv=None) -> int:

@@ -54,7 +54,10 @@ class LongVQMixer(nn.Module):
         self.mx_proj = nn.Linear(D, D + lv.z_dim + self.hidden + D)
         self.qk_scale = nn.Parameter(torch.ones(2, lv.z_dim))
         self.qk_shift = nn.Parameter(torch.zeros(2, lv.z_dim))
-        self.rel_bias = nn.Parameter(torch.zeros(lv.n_heads, lv.chunk_size + 1))
+        # b[d] for distances d = 0..C, stored padded to a multiple of 8 entries per head so the parameter's size is
+        # a multiple of 16 bytes in bf16 (engines pack parameters into flat buffers; the padding keeps every
+        # later parameter aligned there). The padding entries are never read and get no gradient.
+        self.rel_bias = nn.Parameter(torch.zeros(lv.n_heads, -(-(lv.chunk_size + 1) // 8) * 8))
         self.log_q_scale = nn.Parameter(torch.zeros(lv.n_heads)) if lv.query_temperature else None
         self.quantizer = VectorQuantizer(lv.n_heads, lv.codebook_size, lv.z_dim // lv.n_heads, lv.codebook_decay,
                                          dead_code_threshold=lv.dead_code_threshold, init=lv.codebook_init,
@@ -63,6 +66,18 @@ class LongVQMixer(nn.Module):
         self.hidden_dropout = nn.Dropout(lv.hidden_dropout)
         self.dropout = nn.Dropout(cfg.dropout)
         self.capture = False  # True: keep the attention inputs of the next forward in self.captured (diagnostics)
+
+    @property
+    def bias(self) -> Tensor:
+        """The relative-position bias (H, C + 1) without its padding."""
+        return self.rel_bias[:, : self.chunk_size + 1]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "rel_bias"
+        saved = state_dict.get(key)
+        if saved is not None and saved.shape[-1] == self.chunk_size + 1 < self.rel_bias.shape[-1]:
+            state_dict[key] = F.pad(saved, (0, self.rel_bias.shape[-1] - saved.shape[-1]))  # saved unpadded
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor, state: Optional[LongVQState] = None, return_state: bool = False):
         B, T, D = x.shape
@@ -87,11 +102,11 @@ class LongVQMixer(nn.Module):
         keys = k if self.local_raw_keys else k_hat  # local attention keys; the cache always uses codewords
         attn, attn_state = vq_attention(
             q, keys, v.view(B, T, H, E // H), codes, self.quantizer.codebook.to(q.dtype),
-            chunk_size=self.chunk_size, bias=self.rel_bias, state=None if state is None else state.attn,
+            chunk_size=self.chunk_size, bias=self.bias, state=None if state is None else state.attn,
             return_state=return_state, impl=self.impl)
         if self.capture:  # lm.ops.vq_diagnostics.attention_mass_split(**self.captured, chunk_size=C)
             self.captured = dict(q=q.detach(), k_hat=keys.detach(), v=v.view(B, T, H, E // H).detach(), codes=codes,
-                                 codebook=self.quantizer.codebook.to(q.dtype), bias=self.rel_bias.detach())
+                                 codebook=self.quantizer.codebook.to(q.dtype), bias=self.bias.detach())
         h = F.silu(hx + self.h_proj(attn.reshape(B, T, E) * r))
         h = self.dropout(h)
         out = x + u * h if self.residual == "add" else x + u * (h - x)

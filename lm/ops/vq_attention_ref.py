@@ -233,17 +233,23 @@ def chunked_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, cod
         return _within_chunk(q, k_hat, v, codes, codebook, state, C, bias, scale, return_state)
 
     # Prepend the partial current chunk so every chunk starts at an absolute multiple of C.
-    qh = torch.cat([q.new_zeros(B, H, n, Dk), q.transpose(1, 2)], dim=2)
-    kh = torch.cat([state.cur_k.to(dt), k_hat.transpose(1, 2)], dim=2)
-    vh = torch.cat([state.cur_v.to(v.dtype), v.transpose(1, 2)], dim=2)
-    zh = torch.cat([state.cur_codes, codes.transpose(1, 2)], dim=2)
+    # (no zero-size concatenations or pads when nothing is carried: torch.compile's inductor mishandles them)
+    qh, kh, vh, zh = (x.transpose(1, 2) for x in (q, k_hat, v, codes))
+    if n:
+        qh = torch.cat([q.new_zeros(B, H, n, Dk), qh], dim=2)
+        kh = torch.cat([state.cur_k.to(dt), kh], dim=2)
+        vh = torch.cat([state.cur_v.to(v.dtype), vh], dim=2)
+        zh = torch.cat([state.cur_codes, zh], dim=2)
     L = n + T
     R = math.ceil(L / C)
     pad = R * C - L
-    qb = F.pad(qh, (0, 0, 0, pad)).view(B, H, R, C, Dk)
-    kb = F.pad(kh, (0, 0, 0, pad)).view(B, H, R, C, Dk)
-    vb = F.pad(vh, (0, 0, 0, pad)).view(B, H, R, C, Dv)
-    zb = F.pad(zh, (0, pad)).view(B, H, R, C)
+    if pad:
+        qh, kh, vh = (F.pad(x, (0, 0, 0, pad)) for x in (qh, kh, vh))
+        zh = F.pad(zh, (0, pad))
+    qb = qh.reshape(B, H, R, C, Dk)
+    kb = kh.reshape(B, H, R, C, Dk)
+    vb = vh.reshape(B, H, R, C, Dv)
+    zb = zh.reshape(B, H, R, C)
     valid = (torch.arange(R * C, device=dev) < L).view(R, C)
 
     has_prev = state.prev_k is not None

@@ -55,10 +55,14 @@ def dry_run_report(cfg: RunConfig, world: int) -> str:
 
     n_params = build_model(cfg.model).num_params()
     mem = memory_estimate_gib(cfg, world, n_params, bf16=cfg.train.precision != "fp32")
-    ds = build_deepspeed_config(cfg.train, cfg.optim, cfg.parallel, world // pp, on_gpu=True)
+    from lm.engine import GPU_DEFAULT_PRECISION
+
+    precision = GPU_DEFAULT_PRECISION if cfg.train.precision == "auto" else cfg.train.precision
+    ds = build_deepspeed_config(cfg.train, cfg.optim, cfg.parallel, world // pp, on_gpu=True, precision=precision)
     lines = [
         f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, d_model {cfg.model.d_model}",
         f"topology: {describe_topology(cfg, world)}",
+        f"precision (GPU): {precision}",
         "memory per GPU (rough, GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()),
         f"deepspeed config (GPU): {json.dumps(ds)}",
     ]

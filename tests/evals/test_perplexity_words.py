@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from evals import perplexity
-from evals.perplexity import _first_token_units, first_token_units, score_disjoint
+from evals.perplexity import _first_token_units, first_token_units
+from lm.engine import score
 from lm.config import DataConfig, LongVQConfig, ModelConfig, RunConfig
 from lm.model import build_model
 
@@ -35,7 +36,7 @@ def _run_cli(tmp_path, monkeypatch, tokens, vocab_size, n_bytes, n_words, tokeni
     assert perplexity.main(["--checkpoint", "unused", "--split", "test", "--device", "cpu", "--no-progress",
                             "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    nll = score_disjoint(model, torch.tensor(list(tokens)), 8, batch_size=8, device=torch.device("cpu"))
+    nll = score(model, torch.tensor(list(tokens)), context=8, batch_size=8, device=torch.device("cpu")).nll_sum
     assert result["nll_sum"] == pytest.approx(nll, rel=1e-12)
     assert result["tokens"] == len(tokens) - 1
     return result

@@ -11,13 +11,17 @@ import pytest
 import torch
 
 from evals import quality_race as qr
-from evals.perplexity import score_disjoint
-from lm.config import OptimConfig
+from lm.bench import race as rc_lib
+from lm.bench.throughput import check_param_match, count_params
+from lm.config import OptimConfig, load_config
+from lm.engine import score
 from lm.metrics import head_dims
+from lm.optim import TimeSchedule
 from lm.model import build_model
 from lm.ops.vq_diagnostics import attention_mass_split, summarize_mass
 
 ROOT = Path(__file__).resolve().parents[2]
+RECIPES = ["--recipe", str(ROOT / "launch/configs/longvq_tiny.yaml"), "--recipe", str(ROOT / "launch/configs/transformer_tiny.yaml")]
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +35,9 @@ def race(tmp_path_factory, cache_dir, one_thread):
     mp = pytest.MonkeyPatch()
     mp.setitem(sys.modules, "deepspeed", None)  # any `import deepspeed` during the run would fail
     try:
-        rc = qr.main(["--preset", "tiny", "--contexts", "64", "128", "--budget-minutes", "0.015", "--eval-tokens", "1000",
-                      "--val-points", "3", "--log-every", "5", "--device", "cpu", "--cache-dir", cache_dir,
-                      "--out-dir", str(out), "--tag", "unit", "--seed", "3", "--save-dir", str(out / "models")])
+        rc = qr.main(RECIPES + ["--contexts", "64", "128", "--budget-minutes", "0.015", "--eval-tokens", "1000",
+                                "--val-points", "3", "--log-every", "5", "--device", "cpu", f"data.cache_dir={cache_dir}",
+                                "--out-dir", str(out), "--tag", "unit", "--seed", "3", "--save-dir", str(out / "models")])
     finally:
         mp.undo()
     return rc, out
@@ -47,7 +51,8 @@ def test_race_writes_json_png_markdown(race):
     for key in ("command", "date", "device", "budget_minutes", "budget_s", "params", "param_ratio", "configs", "optim",
                 "schedule", "corpus", "eval_split", "eval_tokens", "tokens_per_step", "seed", "torch"):
         assert key in meta, key
-    assert meta["command"].startswith("python -m evals.quality_race --preset tiny")
+    assert meta["command"].startswith("python -m evals.quality_race --recipe") and meta["engine"] == "torch"
+    assert meta["recipes"]["longvq"].endswith("longvq_tiny.yaml") and meta["precision"] == "fp32"
     assert meta["device"].startswith("cpu") and meta["budget_s"] == pytest.approx(0.9)
     assert abs(meta["params"]["longvq"] / meta["params"]["transformer"] - 1) <= 0.10
     assert meta["eval_tokens"] == 1000 and meta["corpus"]["bytes"]["test"] > 0
@@ -93,7 +98,7 @@ def test_race_writes_json_png_markdown(race):
         assert isinstance(v["codes_ok"], bool) and isinstance(v["longvq_le_transformer"], bool)
 
     md = (out / "quality_unit.md").read_text()
-    assert "## Targets (issue 7)" in md and "| 128 | longvq |" in md and "CPU run" in md
+    assert "## Targets" in md and "| 128 | longvq |" in md and "CPU run" in md and "transformer_tiny.yaml" in md
     png = (out / "quality_unit.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
@@ -143,51 +148,45 @@ def test_merge_selects_runs_and_refuses_different_budgets(race, tmp_path):
 
 
 def test_unmatched_parameter_counts_fail(tmp_path, capsys):
-    rc = qr.main(["--preset", "tiny", "--set", "longvq.ffn_dim=512", "--out-dir", str(tmp_path), "--device", "cpu"])
+    rc = qr.main(RECIPES + ["model.ffn_dim=512", "--out-dir", str(tmp_path), "--device", "cpu"])
     assert rc == 2
     assert "not matched" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
-def test_40m_preset_is_matched_and_fused_compatible():
-    cfgs = qr.tp.model_configs(qr.PRESETS["40m"])
-    params = {a: qr.tp.count_params(c) for a, c in cfgs.items()}
+def test_40m_recipes_are_matched_fused_compatible_and_keep_their_own_lr():
+    cfgs = {a: load_config(ROOT / f"launch/configs/{a}_40m.yaml") for a in ("longvq", "transformer")}
+    params = {a: count_params(c) for a, c in cfgs.items()}
     assert 38e6 < params["transformer"] < 44e6 and 38e6 < params["longvq"] < 44e6
-    assert abs(params["longvq"] / params["transformer"] - 1) <= 0.05
-    H, dk, dv = head_dims(cfgs["longvq"])
-    assert dk in (16, 32, 64, 128) and dv in (16, 32, 64, 128) and cfgs["longvq"].longvq.chunk_size % 64 == 0
-    assert head_dims(cfgs["transformer"])[1] == 64
+    assert abs(check_param_match(params) - 1) <= 0.05
+    H, dk, dv = head_dims(cfgs["longvq"].model)
+    assert dk in (16, 32, 64, 128) and dv in (16, 32, 64, 128) and cfgs["longvq"].model.longvq.chunk_size % 64 == 0
+    assert head_dims(cfgs["transformer"].model)[1] == 64
+    assert (cfgs["longvq"].optim.lr, cfgs["transformer"].optim.lr) == (3e-3, 1e-3)
+    shared = {a: load_config(ROOT / f"launch/configs/{a}_40m.yaml", overrides=["optim.lr=2e-3"]) for a in cfgs}
+    assert {c.optim.lr for c in shared.values()} == {2e-3}  # an override reaches both arms
 
 
 def test_time_based_schedule():
     o = OptimConfig(lr=1e-3, min_lr_ratio=0.1)
-    m = [qr.time_lr_multiplier(f, o, 0.05) for f in (0.0, 0.025, 0.05, 0.5, 1.0, 1.5)]
+    sched = TimeSchedule(o, 0.05)
+    m = [sched.lr(0, f) / o.lr for f in (0.0, 0.025, 0.05, 0.5, 1.0, 1.5)]
     assert m[0] == pytest.approx(1 / 500) and m[1] == pytest.approx(251 / 500)
     assert m[2] == pytest.approx(1.0) and m[3] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.45 / 0.95)), rel=1e-3)
     assert m[4] == pytest.approx(0.1) and m[5] == pytest.approx(0.1)
-    both = qr.optim_configs(["lr=2e-3", "longvq.weight_decay=0.0"])
-    assert both["longvq"].lr == both["transformer"].lr == 2e-3
-    assert both["longvq"].weight_decay == 0.0 and both["transformer"].weight_decay == 0.1
-    # preset per-arm defaults, then the command line on top
-    preset = qr.optim_configs([], qr.PRESETS["40m"]["optim"])
-    assert (preset["longvq"].lr, preset["transformer"].lr) == (3e-3, 1e-3)
-    mixed = qr.optim_configs(["transformer.lr=5e-4", "min_lr_ratio=0.2"], qr.PRESETS["40m"]["optim"])
-    assert (mixed["longvq"].lr, mixed["transformer"].lr) == (3e-3, 5e-4)
-    assert mixed["longvq"].min_lr_ratio == mixed["transformer"].min_lr_ratio == 0.2
-    assert qr.optim_configs([], None)["longvq"].lr == OptimConfig().lr  # tiny: no preset defaults
+    assert sched.lr(123, 0.5) == sched.lr(0, 0.5)  # the update count does not move a time-based schedule
 
 
-def test_heldout_nll_matches_score_disjoint_and_buckets(tiny_model_config, one_thread):
+def test_per_position_scoring_buckets(tiny_model_config, one_thread):
     torch.manual_seed(0)
     model = build_model(tiny_model_config("longvq")).eval()
     tokens = torch.randint(0, 32, (203,))
-    total, pos_sum, pos_cnt = qr.heldout_nll(model, tokens, 24, 3, torch.device("cpu"))
-    assert total == pytest.approx(score_disjoint(model, tokens, 24, 3, torch.device("cpu")), rel=1e-6)
-    assert pos_cnt.sum() == 202 and pos_sum.sum() == pytest.approx(total)
-    b = qr.bucketize(pos_sum, pos_cnt, qr.linear_edges(24, 8))
+    r = score(model, tokens, mode="disjoint", context=24, batch_size=3, device=torch.device("cpu"), per_position=True)
+    assert r.pos_cnt.sum() == 202 and r.pos_sum.sum() == pytest.approx(r.nll_sum)
+    b = rc_lib.bucketize(r.pos_sum, r.pos_cnt, rc_lib.linear_edges(24, 8))
     assert b["edges"] == [0, 8, 16, 24] and sum(b["count"]) == 202
-    assert b["loss"][0] == pytest.approx(pos_sum[:8].sum() / pos_cnt[:8].sum())
-    assert qr.log2_edges(24) == [0, 1, 2, 4, 8, 16, 24]
+    assert b["loss"][0] == pytest.approx(r.pos_sum[:8].sum() / r.pos_cnt[:8].sum())
+    assert rc_lib.log2_edges(24) == [0, 1, 2, 4, 8, 16, 24]
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +310,7 @@ def test_capture_is_off_by_default_and_feeds_the_diagnostic(tiny_model_config, o
         torch.testing.assert_close(split["per_position"][name], r.mean(dim=(0, 1)), rtol=1e-5, atol=1e-6)
     assert split["own"] + split["prev"] + split["cache"] == pytest.approx(1.0, abs=1e-6)
     # the race's helper switches capture on for one forward and leaves it off afterwards
-    layers = qr.attention_mass(model, tokens, torch.device("cpu"))
+    layers = rc_lib.attention_mass(model, tokens, torch.device("cpu"))
     assert [m["layer"] for m in layers] == [0, 1] and all(m.capture is False for m in mixers)
     assert not any(hasattr(m, "captured") for m in mixers)
 
