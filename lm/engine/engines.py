@@ -106,7 +106,7 @@ class Engine:
     quantizers: list  # (layer index, VectorQuantizer) living on this process
 
     def autocast(self):
-        """The context every forward of this engine runs under (bf16 autocast for bf16-mixed)."""
+        """The context a direct call of `module` (evaluation) runs under: bf16 autocast for bf16-mixed."""
         if self.precision == "bf16-mixed":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -252,8 +252,8 @@ class DeepSpeedEngine(Engine):
                     f"8 elements, or parallel.zero_stage=1|2 (aligned per parameter), or train.compile=false")
 
     def forward(self, x, y, loss_chunk_tokens: int = 0):
-        with self.autocast():
-            return self.ds(x, targets=y, loss_chunk_tokens=loss_chunk_tokens)
+        # bf16-mixed: DeepSpeed's own torch_autocast section (its engine switches an outer autocast off)
+        return self.ds(x, targets=y, loss_chunk_tokens=loss_chunk_tokens)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
@@ -280,8 +280,7 @@ class DeepSpeedEngine(Engine):
     def train_batch(self, batches: list, lr: float):
         """Pipelines: forward/backward over every micro-batch and the update, in DeepSpeed's schedule."""
         self.set_lr(lr)
-        with self.autocast():
-            self.ds.train_batch(data_iter=iter(batches))
+        self.ds.train_batch(data_iter=iter(batches))
         return self.ds.get_global_grad_norm()
 
 

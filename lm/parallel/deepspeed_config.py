@@ -28,6 +28,9 @@ def build_deepspeed_config(train: TrainConfig, optim: OptimConfig, parallel: Par
         "train_batch_size": train.micro_batch_size * train.grad_accum_steps * dp_world_size,
         "gradient_clipping": optim.grad_clip,
         "bf16": {"enabled": precision == "bf16"},
+        # bf16-mixed: the forward under torch.autocast, applied by DeepSpeed's engine (an autocast around the
+        # engine call is switched off inside it)
+        "torch_autocast": {"enabled": precision == "bf16-mixed", "dtype": "bfloat16"},
         "zero_optimization": zero,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

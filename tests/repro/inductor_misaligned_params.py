@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         a = compiled[0](x)
         b = compiled[1](x)
         torch.cuda.synchronize()
-    torch.testing.assert_close(b, second(x))
+    torch.testing.assert_close(b, second(x), rtol=2e-2, atol=2e-2)  # bf16: fused vs eager rounding
     print("ok", float(a.float().sum()))
     return 0
 
