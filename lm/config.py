@@ -37,6 +37,9 @@ class LongVQConfig:
 
     attention_impl: Literal["dense", "chunked", "fused", "auto"] = "auto"
     """dense = O(T^2) oracle; chunked = pure PyTorch O(T(C+S)); fused = GPU kernel; auto picks."""
+    ema_impl: Literal["fft", "scan", "auto"] = "auto"
+    """EMA training path: fft = FFT convolution (fp32); scan = chunked scan (Triton kernel on CUDA, its PyTorch
+    twin elsewhere); auto = the Triton scan where it runs (CUDA), else fft. Same result up to rounding."""
     chunk_size: int = 64
     """C: tokens per attention chunk; a query sees its own chunk and the previous one exactly."""
     codebook_size: int = 64
