@@ -58,7 +58,7 @@ class LongVQMixer(nn.Module):
         self.log_q_scale = nn.Parameter(torch.zeros(lv.n_heads)) if lv.query_temperature else None
         self.quantizer = VectorQuantizer(lv.n_heads, lv.codebook_size, lv.z_dim // lv.n_heads, lv.codebook_decay,
                                          dead_code_threshold=lv.dead_code_threshold, init=lv.codebook_init,
-                                         dead_code_reseed=lv.dead_code_reseed)
+                                         dead_code_reseed=lv.dead_code_reseed, impl=lv.quantizer_impl)
         self.h_proj = nn.Linear(self.hidden, D)
         self.hidden_dropout = nn.Dropout(lv.hidden_dropout)
         self.dropout = nn.Dropout(cfg.dropout)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lm.ops.vq_quantize import IMPLS, accumulate_stats, vq_quantize
+
 
 def code_usage_perplexity(counts: Tensor) -> tuple[Tensor, Tensor]:
     """From per-head code counts (H, S): fraction of codes used, and exp(entropy) of the code
@@ -39,8 +41,12 @@ def _normal_rows(seed: int, rows: int, dim: int, device: str) -> Tensor:
 
 class VectorQuantizer(nn.Module):
     def __init__(self, n_heads: int, codebook_size: int, dim: int, decay: float = 0.99, eps: float = 1e-2,
-                 dead_code_threshold: float = 0.1, init: str = "random", dead_code_reseed: str = "split"):
+                 dead_code_threshold: float = 0.1, init: str = "random", dead_code_reseed: str = "split",
+                 impl: str = "reference"):
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"quantizer impl must be one of {IMPLS}, got {impl!r}")
+        self.impl = impl  # lm.ops.vq_quantize: reference | fused | auto
         if init not in ("random", "first_batch"):
             raise ValueError(f"codebook init must be 'random' or 'first_batch', got {init!r}")
         if dead_code_reseed not in ("split", "batch"):
@@ -87,31 +93,36 @@ class VectorQuantizer(nn.Module):
         over the whole step; decoding skips the extra work)."""
         B, T, H, d = k.shape
         cb = self.codebook  # (H, S, d)
-        with torch.no_grad(), torch.autocast(k.device.type, enabled=False):  # distances in float32
-            kf = k.detach().float()
-            # argmin_s ||k - c_s||^2 = argmin_s (||c_s||^2 - 2 k.c_s): ||k||^2 is constant per row
-            scores = cb.pow(2).sum(-1)[None, None] - 2 * torch.einsum("bthd,hsd->bths", kf, cb)
-            codes = scores.argmin(dim=-1)  # (B, T, H)
-        head = torch.arange(H, device=k.device)[None, None].expand(B, T, H)
-        quant = cb[head, codes]  # (B, T, H, d) float32
-        k_hat = k + (quant.to(k.dtype) - k).detach()
-        commit = (k.float() - quant).pow(2).sum(-1).mean()
-        if self.training and torch.is_grad_enabled():
-            with torch.autocast(k.device.type, enabled=False):
-                self.accumulate(kf, codes, quant)
-                if self.init_keys is None and self.needs_init():
-                    self.init_keys = self._sample_keys(kf)
-                if self.reseed_keys is None and self.dead_code_reseed == "batch" and self.dead_code_threshold > 0:
-                    self.reseed_keys = self._worst_served_keys(kf, quant)
+        training = self.training and torch.is_grad_enabled()
+        stats = (self.stat_count, self.stat_sum, self.stat_err) if training else None
+        k_hat, codes, commit = vq_quantize(k, cb, stats=stats, impl=self.impl)
+        if training:
+            self._stats_pending = self._stats_pending or k.numel() > 0
+            need_init = self.init_keys is None and self.needs_init()
+            need_reseed = self.reseed_keys is None and self.dead_code_reseed == "batch" and self.dead_code_threshold > 0
+            if need_init or need_reseed:  # once per optimizer step (the step's first micro-batch)
+                with torch.no_grad(), torch.autocast(k.device.type, enabled=False):
+                    kf = k.detach().float()
+                    if need_init:
+                        self.init_keys = self._sample_keys(kf)
+                    if need_reseed:
+                        self.reseed_keys = self._worst_served_keys(kf, self._gather(cb, codes))
         metrics = {"commit": commit.detach()}
         if self.training or not self.batch_metrics:  # training reads the step's synchronised step_metrics()
             return k_hat, codes, commit, metrics
         with torch.no_grad(), torch.autocast(k.device.type, enabled=False):
+            kf, quant = k.detach().float(), self._gather(cb, codes)
             counts = torch.zeros(H, self.codebook_size, device=k.device).scatter_add_(
                 1, codes.reshape(-1, H).t(), torch.ones(H, B * T, device=k.device))
             usage, perplexity = code_usage_perplexity(counts)
             metrics.update(usage=usage, perplexity=perplexity, rel_error=(kf - quant).norm() / kf.norm().clamp(min=1e-12))
         return k_hat, codes, commit, metrics
+
+    @staticmethod
+    def _gather(cb: Tensor, codes: Tensor) -> Tensor:
+        """The code vectors c_z (B, T, H, d) float32."""
+        H = cb.shape[0]
+        return cb[torch.arange(H, device=codes.device)[None, None].expand_as(codes), codes]
 
     def needs_init(self) -> bool:
         """True until the first-batch initialisation happened."""
@@ -149,14 +160,9 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def accumulate(self, k: Tensor, codes: Tensor, quant: Tensor) -> None:
-        H = self.n_heads
+        """Add a batch's statistics: k float32 (B, T, H, d), codes (B, T, H), quant = its code vectors."""
         self._stats_pending = self._stats_pending or k.numel() > 0
-        self.stat_err[0] += (k - quant).pow(2).sum().to(self.stat_err.dtype)
-        self.stat_err[1] += k.pow(2).sum().to(self.stat_err.dtype)
-        flat_codes = codes.reshape(-1, H).t()  # (H, N)
-        flat_k = k.reshape(-1, H, self.dim).transpose(0, 1)  # (H, N, d)
-        self.stat_count.scatter_add_(1, flat_codes, torch.ones_like(flat_codes, dtype=self.stat_count.dtype))
-        self.stat_sum.scatter_add_(1, flat_codes[..., None].expand(-1, -1, self.dim), flat_k.to(self.stat_sum.dtype))
+        accumulate_stats((self.stat_count, self.stat_sum, self.stat_err), k, codes, quant)
 
     @torch.no_grad()
     def step_metric_tensors(self) -> dict:

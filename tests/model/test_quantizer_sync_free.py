@@ -1,6 +1,7 @@
-"""The codebook update without host synchronisation is bit-for-bit the algorithm it replaced.
+"""The codebook update without host synchronisation is bit-for-bit the algorithm it replaced, and so is the
+quantizer's reference forward (now lm/ops/vq_quantize.py).
 
-`OldUpdate` below is a frozen copy of the per-head update (host reads of the statistics, `nonzero`, per-head
+`OldUpdate` below is a frozen copy of the old forward and the per-head update (host reads of the statistics, `nonzero`, per-head
 loops). Both run from the same buffers through forwards on random keys, injected random statistics (dead codes
 included), the first-batch initialisation, batch re-seeding (also with a non-finite sample) and steps without
 statistics; every buffer must be equal bit for bit after every update. A dispatch mode shows that the new
@@ -18,7 +19,38 @@ BUFFERS = ("c_sum", "c_count", "n_updates", "initialized", "stat_count", "stat_s
 
 
 class OldUpdate(VectorQuantizer):
-    """The update as it was before it became sync-free (frozen copy: do not edit)."""
+    """The forward and the update as they were before the update became sync-free and the assignment moved to
+    lm/ops/vq_quantize.py (frozen copy: do not edit)."""
+
+    def forward(self, k):
+        B, T, H, d = k.shape
+        cb = self.codebook
+        with torch.no_grad(), torch.autocast(k.device.type, enabled=False):
+            kf = k.detach().float()
+            scores = cb.pow(2).sum(-1)[None, None] - 2 * torch.einsum("bthd,hsd->bths", kf, cb)
+            codes = scores.argmin(dim=-1)
+        head = torch.arange(H, device=k.device)[None, None].expand(B, T, H)
+        quant = cb[head, codes]
+        k_hat = k + (quant.to(k.dtype) - k).detach()
+        commit = (k.float() - quant).pow(2).sum(-1).mean()
+        if self.training and torch.is_grad_enabled():
+            with torch.autocast(k.device.type, enabled=False):
+                self.old_accumulate(kf, codes, quant)
+                if self.init_keys is None and self.needs_init():
+                    self.init_keys = self._sample_keys(kf)
+                if self.reseed_keys is None and self.dead_code_reseed == "batch" and self.dead_code_threshold > 0:
+                    self.reseed_keys = self._worst_served_keys(kf, quant)
+        return k_hat, codes, commit, {"commit": commit.detach()}
+
+    @torch.no_grad()
+    def old_accumulate(self, k, codes, quant):
+        H = self.n_heads
+        self.stat_err[0] += (k - quant).pow(2).sum().to(self.stat_err.dtype)
+        self.stat_err[1] += k.pow(2).sum().to(self.stat_err.dtype)
+        flat_codes = codes.reshape(-1, H).t()
+        flat_k = k.reshape(-1, H, self.dim).transpose(0, 1)
+        self.stat_count.scatter_add_(1, flat_codes, torch.ones_like(flat_codes, dtype=self.stat_count.dtype))
+        self.stat_sum.scatter_add_(1, flat_codes[..., None].expand(-1, -1, self.dim), flat_k.to(self.stat_sum.dtype))
 
     @torch.no_grad()
     def apply_update(self) -> None:
@@ -121,8 +153,14 @@ def test_update_is_bit_identical_to_the_old_algorithm(reseed, dim, init):
         else:
             for micro in range(2):
                 k = centres[torch.randint(0, 4, (2, 9), generator=gen)] + 0.2 * torch.randn(2, 9, H, dim, generator=gen)
+                outs = []
                 for vq in (new, old):
-                    vq(k.clone())
+                    leaf = k.clone().requires_grad_()
+                    k_hat, codes, commit, _ = vq(leaf)
+                    (grad,) = torch.autograd.grad((k_hat * k).sum() + commit, leaf)
+                    outs.append((k_hat, codes, commit, grad))
+                for name, a, b in zip(("k_hat", "codes", "commit", "grad"), *outs):
+                    assert torch.equal(a, b), f"step {step}: forward {name} differs"
             if kind == 1:
                 inject_random_stats((new, old), gen, H, S, dim)
             if kind == 4 and new.reseed_keys is not None:  # a non-finite re-seeding sample: nothing is re-seeded
