@@ -7,7 +7,7 @@ at the 125M shape (D = 768, N = 16, 12 heads of 64, S = 512) with --tokens token
 Prints a table and writes JSON (default runs/bench_kernels_<date>.json).
 
     python -m evals.bench_kernels
-    python -m evals.bench_kernels --contexts 8192 --sweep            # also sweep the EMA scan's CONFIG
+    python -m evals.bench_kernels --contexts 8192 --sweep            # also sweep the kernels' CONFIG
 """
 
 from __future__ import annotations
@@ -199,6 +199,32 @@ def quantize_rows(tokens, contexts, H, d, S):
     return rows, checks, ok
 
 
+def quantize_sweep(tokens, T, H, d, S):
+    from lm.ops import vq_quantize_fused as fq
+
+    B = max(1, tokens // T)
+    cb = torch.randn(H, S, d, device="cuda")
+    k = torch.randn(B, T, H, d, device="cuda").bfloat16()
+    st = (torch.zeros(H, S, device="cuda"), torch.zeros(H, S, d, device="cuda"), torch.zeros(2, device="cuda"))
+    saved = dict(fq.CONFIG)
+    rows = []
+    try:
+        for bm, bs, warps, stages in itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (1, 2, 3)):
+            fq.CONFIG.update(block_m=bm, block_s=bs, warps=warps, stages=stages)
+            try:
+                ms = bench_ms(lambda: fq.vq_quantize_fused(k, cb, stats=st), warmup=3, rep=10)
+            except Exception as e:  # noqa: BLE001  (a configuration that does not compile: report and go on)
+                print(f"  sweep block_m={bm} block_s={bs} warps={warps} stages={stages}: failed ({e!r:.80})")
+                continue
+            rows.append(dict(kernel="quantize_sweep", T=T, B=B, block_m=bm, block_s=bs, warps=warps, stages=stages,
+                             fwd_ms=ms))
+    finally:
+        fq.CONFIG.clear()
+        fq.CONFIG.update(saved)
+    rows.sort(key=lambda r: r["fwd_ms"])
+    return rows
+
+
 def update_rows(H, d, S, layers):
     """apply_update for `layers` quantizers (one optimizer step; timed as forwards + updates minus forwards), split
     and batch re-seeding, once under torch.cuda.set_sync_debug_mode('error') (a host synchronisation raises)."""
@@ -246,7 +272,7 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=65536, help="tokens per call (B = tokens / T)")
     p.add_argument("--contexts", default="4096,8192,32768,131072", help="comma-separated T values")
     p.add_argument("--kernels", default="ema,quantize,update", help="comma-separated: ema, quantize, update")
-    p.add_argument("--sweep", action="store_true", help="also sweep the EMA scan CONFIG at the first context")
+    p.add_argument("--sweep", action="store_true", help="also sweep the EMA scan and quantizer CONFIG (first context)")
     p.add_argument("--compile-fft", action="store_true", help="also time the FFT path under torch.compile")
     p.add_argument("--out", default=None, help="JSON path (default runs/bench_kernels_<date>.json)")
     args = p.parse_args(argv)
@@ -273,6 +299,8 @@ def main(argv=None):
         qrows, checks["quantize"], ok = quantize_rows(args.tokens, contexts, H, d, S)
         failed += [] if ok else ["quantize"]
         rows += qrows
+        if args.sweep:
+            rows += quantize_sweep(args.tokens, contexts[0], H, d, S)[:10]
     if "update" in kernels:
         rows += update_rows(H, d, S, layers=12)
     print(f"{'kernel':<16}{'arm':<14}{'T':>8}{'B':>4}{'fwd ms':>10}{'fwd+bwd ms':>12}{'ideal':>9}{'speedup':>9}")
@@ -280,6 +308,9 @@ def main(argv=None):
         if r["kernel"] == "ema_sweep":
             print(f"{'ema_sweep':<16}{'c%d bd%d w%d u%d' % (r['chunk'], r['block_d'], r['warps'], r['unroll']):<14}"
                   f"{r['T']:>8}{r['B']:>4}{'':>10}{r['fwd_bwd_ms']:>12.3f}")
+        elif r["kernel"] == "quantize_sweep":
+            print(f"{'quantize_sweep':<16}{'m%d s%d w%d st%d' % (r['block_m'], r['block_s'], r['warps'], r['stages']):<14}"
+                  f"{r['T']:>8}{r['B']:>4}{r['fwd_ms']:>10.3f}")
         elif r["kernel"] == "codebook_update":
             print(f"{'codebook_update':<16}{r['arm']:<14}{'':>8}{'':>4}{r['step_ms']:>10.3f}{'':>12}"
                   f"{'':>9}  sync_free={r['sync_free']}")

@@ -42,8 +42,9 @@ import triton.language as tl
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Tunables (evals/bench_kernels.py sweeps them): chunk = tokens per chunk; block_d = channels per program;
-# unroll = recurrence steps per unrolled loop body; pass_block = (d, n) states per program of the chunk pass.
-CONFIG = {"chunk": 128, "block_d": 32, "warps": 4, "unroll": 8, "pass_block": 256}
+# unroll = recurrence steps (and chunks in the passes) per unrolled loop body; pass_block = (d, n) states per
+# program of the passes over chunks.
+CONFIG = {"chunk": 128, "block_d": 32, "warps": 4, "unroll": 8, "pass_block": 128}
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,9 +95,20 @@ def _chunk_state_kernel(X, Q, E, s_xb, s_xt, T, D, NC,
 
 
 @triton.jit
+def _pass_step(E, HS, base, c, e, m, h, pb, q_full, q_last, NC, DN):
+    live = (e * 0 + c) < NC  # chunk c exists (as a block: the interpreter wants block masks)
+    ok = m & live
+    tl.store(HS + base + c * DN + e, h, mask=ok)
+    x = tl.load(E + base + c * DN + e, mask=ok, other=0.0)
+    decay = tl.where(c == NC - 1, q_last, q_full)
+    return tl.where(live, decay * h + pb * x, h)
+
+
+@triton.jit
 def _state_pass_kernel(E, PB, Q, H0, HS, HT, T, NC, DN,
-                       L: tl.constexpr, HAS_H0: tl.constexpr, BLOCK: tl.constexpr):
-    """HS[b, c] = state before chunk c; HT[b] = state after the last chunk (length T - (NC-1) L)."""
+                       L: tl.constexpr, HAS_H0: tl.constexpr, BLOCK: tl.constexpr, U: tl.constexpr):
+    """HS[b, c] = state before chunk c; HT[b] = state after the last chunk (length T - (NC-1) L). U chunks per
+    unrolled loop body, so their loads are issued together (the loop is sequential over chunks)."""
     b = tl.program_id(0)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = e < DN
@@ -113,10 +125,9 @@ def _state_pass_kernel(E, PB, Q, H0, HS, HT, T, NC, DN,
     else:
         h = tl.zeros([BLOCK], tl.float32)
     base = b.to(tl.int64) * NC * DN
-    for c in range(0, NC):
-        tl.store(HS + base + c * DN + e, h, mask=m)
-        decay = tl.where(c == NC - 1, q_last, q_full)
-        h = decay * h + pb * tl.load(E + base + c * DN + e, mask=m, other=0.0)
+    for c0 in range(0, NC, U):
+        for u in tl.static_range(U):
+            h = _pass_step(E, HS, base, c0 + u, e, m, h, pb, q_full, q_last, NC, DN)
     tl.store(HT + b.to(tl.int64) * DN + e, h, mask=m)
 
 
@@ -212,8 +223,19 @@ def _bwd_chunk_fwd_kernel(X, DO, YP, PB, Q, C, HS, DCP, DQP, WEND, GLOC, s_xb, s
 
 
 @triton.jit
+def _bwd_pass_step(GLOC, WEND, GN, base, c, e, m, g, dq, q_full, q_last, NC, DN):
+    live = (e * 0 + c) >= 0  # chunk c exists (as a block: the interpreter wants block masks)
+    ok = m & live
+    tl.store(GN + base + c * DN + e, g, mask=ok)
+    dq += g * tl.load(WEND + base + c * DN + e, mask=ok, other=0.0)
+    decay = tl.where(c == NC - 1, q_last, q_full)
+    g = tl.where(live, tl.load(GLOC + base + c * DN + e, mask=ok, other=0.0) + decay * g, g)
+    return g, dq
+
+
+@triton.jit
 def _bwd_state_pass_kernel(GLOC, WEND, Q, DHT, GN, DH0, DQX, T, NC, DN,
-                           L: tl.constexpr, HAS_DHT: tl.constexpr, BLOCK: tl.constexpr):
+                           L: tl.constexpr, HAS_DHT: tl.constexpr, BLOCK: tl.constexpr, U: tl.constexpr):
     """GN[b, c] = adjoint of the state after chunk c; DH0[b] = adjoint of h_0; DQX[b] = sum_c GN w_end."""
     b = tl.program_id(0)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -231,12 +253,9 @@ def _bwd_state_pass_kernel(GLOC, WEND, Q, DHT, GN, DH0, DQX, T, NC, DN,
         g = tl.zeros([BLOCK], tl.float32)
     dq = tl.zeros([BLOCK], tl.float32)
     base = b.to(tl.int64) * NC * DN
-    for i in range(0, NC):
-        c = NC - 1 - i
-        tl.store(GN + base + c * DN + e, g, mask=m)
-        dq += g * tl.load(WEND + base + c * DN + e, mask=m, other=0.0)
-        decay = tl.where(c == NC - 1, q_last, q_full)
-        g = tl.load(GLOC + base + c * DN + e, mask=m, other=0.0) + decay * g
+    for i0 in range(0, NC, U):
+        for u in tl.static_range(U):
+            g, dq = _bwd_pass_step(GLOC, WEND, GN, base, NC - 1 - i0 - u, e, m, g, dq, q_full, q_last, NC, DN)
     tl.store(DH0 + b.to(tl.int64) * DN + e, g, mask=m)
     tl.store(DQX + b.to(tl.int64) * DN + e, dq, mask=m)
 
@@ -321,7 +340,7 @@ class _EMAScan(torch.autograd.Function):
         pblk = CONFIG["pass_block"]
         _state_pass_kernel[(B, triton.cdiv(D * N, pblk))](
             ends, pb, q, h0 if h0 is not None else ends, starts, h_T, T, NC, D * N,
-            L=L, HAS_H0=h0 is not None, BLOCK=pblk, num_warps=4)
+            L=L, HAS_H0=h0 is not None, BLOCK=pblk, U=U, num_warps=4)
         y = torch.empty_like(x)
         store_pre = bool(silu and any(ctx.needs_input_grad[:6]))
         y_pre = torch.empty_like(x) if store_pre else None
@@ -357,7 +376,7 @@ class _EMAScan(torch.autograd.Function):
         dht = None if grad_hT is None else grad_hT.float().contiguous()
         _bwd_state_pass_kernel[(B, triton.cdiv(D * N, pblk))](
             g_loc, w_end, q, dht if dht is not None else g_loc, g_next, dh0, dq_cross, T, NC, D * N,
-            L=L, HAS_DHT=dht is not None, BLOCK=pblk, num_warps=4)
+            L=L, HAS_DHT=dht is not None, BLOCK=pblk, U=U, num_warps=4)
         dx = torch.empty_like(x)
         dpb_part = torch.empty(B, NC, D, N, **f32)
         dom_part = torch.empty(B, NC, D, **f32)

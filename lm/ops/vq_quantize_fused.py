@@ -29,8 +29,9 @@ import triton.language as tl
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SUPPORTED_DIMS = (16, 32, 64, 128)
 
-# Tunables (evals/bench_kernels.py may change them): rows and codes per tile.
-CONFIG = {"block_m": 64, "block_s": 64, "warps": 4, "stages": 2}
+# Tunables (evals/bench_kernels.py --sweep tries others): key rows and codes per tile. Every program reads the
+# head's whole codebook (64 KB in bf16 at S = 512, d = 64) from L2, so more rows per program means less L2 traffic.
+CONFIG = {"block_m": 128, "block_s": 64, "warps": 8, "stages": 2}
 
 
 @triton.jit

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MODULES = {
     "tests/ops/test_vq_attention_fused.py": 10,
     "tests/ops/test_ema_scan.py": 18,
-    "tests/ops/test_vq_quantize.py": 11,
+    "tests/ops/test_vq_quantize.py": 19,
 }
 
 

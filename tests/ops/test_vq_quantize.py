@@ -65,9 +65,13 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("block_m", [None, 16], ids=["default_rows", "16_rows"])
 @pytest.mark.parametrize("with_stats", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fused_matches_reference(shape, with_stats):
+def test_fused_matches_reference(shape, with_stats, block_m, monkeypatch):
+    """block_m 16: many row blocks per head (the per-program partial sums, masked last block)."""
+    if block_m is not None:
+        monkeypatch.setitem(fq.CONFIG, "block_m", block_m)
     B, T, H, d, S = shape
     k, cb = make(B, T, H, d, S, seed=sum(shape))
     grad = torch.randn(B, T, H, d, device=DEVICE)
