@@ -246,7 +246,8 @@ def check_compatible(saved: RunConfig, current: RunConfig, where: Path) -> None:
         for k in sorted(set(x) | set(y)):
             if isinstance(x.get(k), dict) and isinstance(y.get(k), dict):
                 walk(x[k], y[k], f"{prefix}{k}.")
-            elif x.get(k) != y.get(k) and k not in ("attention_impl", "attn_backend", "dropout", "attention_dropout", "hidden_dropout"):
+            elif x.get(k) != y.get(k) and k not in ("attention_impl", "ema_impl", "quantizer_impl", "attn_backend", "dropout",
+                                                     "attention_dropout", "hidden_dropout"):
                 diffs.append(f"model.{prefix}{k}: checkpoint {x.get(k)!r} vs run {y.get(k)!r}")
 
     walk(a, b, "")

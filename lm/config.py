@@ -37,6 +37,9 @@ class LongVQConfig:
 
     attention_impl: Literal["dense", "chunked", "fused", "auto"] = "auto"
     """dense = O(T^2) oracle; chunked = pure PyTorch O(T(C+S)); fused = GPU kernel; auto picks."""
+    ema_impl: Literal["fft", "scan", "auto"] = "auto"
+    """EMA training path: fft = FFT convolution (fp32); scan = chunked scan (Triton kernel on CUDA, its PyTorch
+    twin elsewhere); auto = the Triton scan where it runs (CUDA), else fft. Same result up to rounding."""
     chunk_size: int = 64
     """C: tokens per attention chunk; a query sees its own chunk and the previous one exactly."""
     codebook_size: int = 64
@@ -63,6 +66,9 @@ class LongVQConfig:
     the keys of the step's first micro-batch that the codebook serves worst (largest quantisation error;
     rank 0's keys under data parallelism), so codes follow where the keys are (issue 7: with splitting the
     copies sat next to busy codes and held-out keys still used 1-30 % of the codes)."""
+    quantizer_impl: Literal["reference", "fused", "auto"] = "auto"
+    """Nearest-code assignment: reference = PyTorch through a float32 (tokens, heads, S) score tensor; fused = one
+    Triton kernel (CUDA; bf16 distance tiles for bf16 keys, no score tensor); auto = fused where it runs."""
     normalize_keys: bool = True
     """RMS-normalise keys (no gain) before quantisation so the codebook sees a stable scale."""
     key_norm: Literal["rms", "center_rms"] = "rms"

@@ -1,11 +1,14 @@
-"""Multi-dimensional damped EMA (MEGA's SSM), by FFT convolution for training and by recurrence for decoding.
+"""Multi-dimensional damped EMA (MEGA's SSM): a chunked scan or an FFT convolution for training, the recurrence
+for decoding.
 
 Per channel d and EMA dimension n (research/longvq_algorithm.md §A.2.3):
     p = sigmoid(delta), a = sigmoid(alpha), q = 1 - p * a
     h_t[d, n] = p * beta * x_t[d] + q * h_{t-1}[d, n]
     y_t[d]    = sqrt(1/N) * sum_n gamma[d, n] * h_t[d, n] + omega[d] * x_t[d]
 The parallel form convolves x with K[d, l] = sqrt(1/N) sum_n gamma p beta q^l (FFT, fp32) and adds the
-contribution of an incoming state h_0: sqrt(1/N) sum_n gamma q^(t+1) h_0.
+contribution of an incoming state h_0: sqrt(1/N) sum_n gamma q^(t+1) h_0. The scan form
+(lm/ops/ema_scan.py: a Triton kernel on CUDA, its PyTorch twin elsewhere) runs the recurrence in chunks;
+`impl` (model.longvq.ema_impl) picks: fft, scan, or auto (the Triton scan where it runs, else fft).
 """
 
 from __future__ import annotations
@@ -14,14 +17,19 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lm.ops.ema_scan import MODULE_IMPLS, ema_scan, resolve_ema_impl
+
 
 class MultiDimEMA(nn.Module):
-    def __init__(self, dim: int, ndim: int = 16):
+    def __init__(self, dim: int, ndim: int = 16, impl: str = "fft"):
         super().__init__()
-        self.dim, self.ndim = dim, ndim
+        if impl not in MODULE_IMPLS:
+            raise ValueError(f"ema impl must be one of {MODULE_IMPLS}, got {impl!r}")
+        self.dim, self.ndim, self.impl = dim, ndim, impl
         self.scale = math.sqrt(1.0 / ndim)
         self.delta = nn.Parameter(torch.empty(dim, ndim))
         self.alpha = nn.Parameter(torch.empty(dim, ndim))
@@ -70,13 +78,20 @@ class MultiDimEMA(nn.Module):
         # fused reduction that never writes the (D, N, L) powers to memory
         return ((pb * self.gamma.to(q.dtype) * self.scale)[..., None] * self._powers(q, 0, length)).sum(1)
 
-    def forward(self, x: Tensor, state: Optional[Tensor] = None, return_state: bool = False):
-        """x (B, T, D) -> (y (B, T, D), h_T (B, D, N) or None). state: h_0 (B, D, N) in acc_dtype."""
+    def forward(self, x: Tensor, state: Optional[Tensor] = None, return_state: bool = False, silu: bool = False):
+        """x (B, T, D) -> (y (B, T, D), h_T (B, D, N) or None). state: h_0 (B, D, N) in acc_dtype.
+        silu: return SiLU(y) instead (fused into the scan kernel's epilogue where that runs)."""
         with torch.autocast(x.device.type, enabled=False):  # FFT and kernel in float32 even under bf16 autocast
             if x.shape[1] == 1 and state is not None:  # decoding: one recurrence step, no FFT
                 y, h = self.step(x, state)
-                return y, (h if return_state else None)
-            return self._forward(x, state, return_state)
+                return (F.silu(y) if silu else y), (h if return_state else None)
+            impl = resolve_ema_impl(self.impl, x, self.ndim)
+            if impl == "fft":
+                y, h = self._forward(x, state, return_state)
+                return (F.silu(y) if silu else y), h
+            pb, q = self.coefficients()
+            return ema_scan(x, pb, q, self.gamma.to(q.dtype), self.omega.to(q.dtype), scale=self.scale, state=state,
+                            return_state=return_state, silu=silu, impl=impl)
 
     def _forward(self, x: Tensor, state: Optional[Tensor], return_state: bool):
         B, T, D = x.shape

@@ -50,7 +50,7 @@ class LongVQMixer(nn.Module):
         self.residual = lv.residual
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.v_proj = nn.Linear(D, self.hidden)
-        self.ema = MultiDimEMA(D, lv.ema_dim)
+        self.ema = MultiDimEMA(D, lv.ema_dim, impl=lv.ema_impl)
         self.mx_proj = nn.Linear(D, D + lv.z_dim + self.hidden + D)
         self.qk_scale = nn.Parameter(torch.ones(2, lv.z_dim))
         self.qk_shift = nn.Parameter(torch.zeros(2, lv.z_dim))
@@ -61,7 +61,7 @@ class LongVQMixer(nn.Module):
         self.log_q_scale = nn.Parameter(torch.zeros(lv.n_heads)) if lv.query_temperature else None
         self.quantizer = VectorQuantizer(lv.n_heads, lv.codebook_size, lv.z_dim // lv.n_heads, lv.codebook_decay,
                                          dead_code_threshold=lv.dead_code_threshold, init=lv.codebook_init,
-                                         dead_code_reseed=lv.dead_code_reseed)
+                                         dead_code_reseed=lv.dead_code_reseed, impl=lv.quantizer_impl)
         self.h_proj = nn.Linear(self.hidden, D)
         self.hidden_dropout = nn.Dropout(lv.hidden_dropout)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -84,8 +84,8 @@ class LongVQMixer(nn.Module):
         H, E, dz = self.n_heads, self.hidden, self.z_dim
         xn = self.norm(x)
         v = F.silu(self.v_proj(xn))
-        ema_out, ema_state = self.ema(xn, None if state is None else state.ema, return_state)
-        m = self.hidden_dropout(F.silu(ema_out))
+        ema_out, ema_state = self.ema(xn, None if state is None else state.ema, return_state, silu=True)  # SiLU(EMA)
+        m = self.hidden_dropout(ema_out)
         u, zr, hx = self.mx_proj(m).split([D, dz + E, D], dim=-1)
         u = torch.sigmoid(u)
         z, r = F.silu(zr).split([dz, E], dim=-1)

@@ -4,12 +4,21 @@ The codebook is c_sum / c_count (buffers, never optimizer parameters, research/l
 §C). Training forwards accumulate per-code statistics (counts and key sums) in `stat_count` and
 `stat_sum`; the trainer sums them over data-parallel ranks and calls `apply_update()` once per
 optimizer step, so gradient accumulation and any number of replicas give the same codebook.
+
+The update reads nothing back from the device (no host synchronisation): which step has statistics is known on
+the host (a training forward ran since the last reset), the update counter has a host mirror, and dead codes
+are found, sorted and re-seeded with fixed-shape tensor operations.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lm.ops.vq_quantize import IMPLS, accumulate_stats, vq_quantize
 
 
 def code_usage_perplexity(counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -20,10 +29,24 @@ def code_usage_perplexity(counts: Tensor) -> tuple[Tensor, Tensor]:
     return (counts > 0).float().mean(), entropy.exp().mean()
 
 
+@functools.lru_cache(maxsize=4)
+def _normal_rows(seed: int, rows: int, dim: int, device: str) -> Tensor:
+    """torch.randn((rows, dim)) from a CPU generator seeded with `seed`, on `device` (copied without blocking
+    the host). Memoised: every layer of a step draws the same table (a pure function of its arguments)."""
+    table = torch.randn((rows, dim), generator=torch.Generator(device="cpu").manual_seed(seed))
+    if device == "cpu":
+        return table
+    return table.pin_memory().to(device, non_blocking=True)
+
+
 class VectorQuantizer(nn.Module):
     def __init__(self, n_heads: int, codebook_size: int, dim: int, decay: float = 0.99, eps: float = 1e-2,
-                 dead_code_threshold: float = 0.1, init: str = "random", dead_code_reseed: str = "split"):
+                 dead_code_threshold: float = 0.1, init: str = "random", dead_code_reseed: str = "split",
+                 impl: str = "reference"):
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"quantizer impl must be one of {IMPLS}, got {impl!r}")
+        self.impl = impl  # lm.ops.vq_quantize: reference | fused | auto
         if init not in ("random", "first_batch"):
             raise ValueError(f"codebook init must be 'random' or 'first_batch', got {init!r}")
         if dead_code_reseed not in ("split", "batch"):
@@ -37,6 +60,8 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(int(init == "random"), dtype=torch.long))
         self.init_keys = None  # (H, S, d) pending sample for the first update
         self._init_done = init == "random"  # Python mirror of `initialized`: forwards never read the buffer (sync)
+        self._n_updates = 0  # Python mirror of `n_updates` (seeds the split noise without reading the buffer)
+        self._stats_pending = False  # a training forward accumulated statistics since the last reset
         # dead_code_reseed="batch": the keys of the step's first training micro-batch that its codebook
         # serves worst (largest quantisation error), (H, n, d), pending for apply_update (like init_keys,
         # the trainer broadcasts rank 0's, so replicas agree)
@@ -68,31 +93,36 @@ class VectorQuantizer(nn.Module):
         over the whole step; decoding skips the extra work)."""
         B, T, H, d = k.shape
         cb = self.codebook  # (H, S, d)
-        with torch.no_grad(), torch.autocast(k.device.type, enabled=False):  # distances in float32
-            kf = k.detach().float()
-            # argmin_s ||k - c_s||^2 = argmin_s (||c_s||^2 - 2 k.c_s): ||k||^2 is constant per row
-            scores = cb.pow(2).sum(-1)[None, None] - 2 * torch.einsum("bthd,hsd->bths", kf, cb)
-            codes = scores.argmin(dim=-1)  # (B, T, H)
-        head = torch.arange(H, device=k.device)[None, None].expand(B, T, H)
-        quant = cb[head, codes]  # (B, T, H, d) float32
-        k_hat = k + (quant.to(k.dtype) - k).detach()
-        commit = (k.float() - quant).pow(2).sum(-1).mean()
-        if self.training and torch.is_grad_enabled():
-            with torch.autocast(k.device.type, enabled=False):
-                self.accumulate(kf, codes, quant)
-                if self.init_keys is None and self.needs_init():
-                    self.init_keys = self._sample_keys(kf)
-                if self.reseed_keys is None and self.dead_code_reseed == "batch" and self.dead_code_threshold > 0:
-                    self.reseed_keys = self._worst_served_keys(kf, quant)
+        training = self.training and torch.is_grad_enabled()
+        stats = (self.stat_count, self.stat_sum, self.stat_err) if training else None
+        k_hat, codes, commit = vq_quantize(k, cb, stats=stats, impl=self.impl)
+        if training:
+            self._stats_pending = self._stats_pending or k.numel() > 0
+            need_init = self.init_keys is None and self.needs_init()
+            need_reseed = self.reseed_keys is None and self.dead_code_reseed == "batch" and self.dead_code_threshold > 0
+            if need_init or need_reseed:  # once per optimizer step (the step's first micro-batch)
+                with torch.no_grad(), torch.autocast(k.device.type, enabled=False):
+                    kf = k.detach().float()
+                    if need_init:
+                        self.init_keys = self._sample_keys(kf)
+                    if need_reseed:
+                        self.reseed_keys = self._worst_served_keys(kf, self._gather(cb, codes))
         metrics = {"commit": commit.detach()}
         if self.training or not self.batch_metrics:  # training reads the step's synchronised step_metrics()
             return k_hat, codes, commit, metrics
         with torch.no_grad(), torch.autocast(k.device.type, enabled=False):
+            kf, quant = k.detach().float(), self._gather(cb, codes)
             counts = torch.zeros(H, self.codebook_size, device=k.device).scatter_add_(
                 1, codes.reshape(-1, H).t(), torch.ones(H, B * T, device=k.device))
             usage, perplexity = code_usage_perplexity(counts)
             metrics.update(usage=usage, perplexity=perplexity, rel_error=(kf - quant).norm() / kf.norm().clamp(min=1e-12))
         return k_hat, codes, commit, metrics
+
+    @staticmethod
+    def _gather(cb: Tensor, codes: Tensor) -> Tensor:
+        """The code vectors c_z (B, T, H, d) float32."""
+        H = cb.shape[0]
+        return cb[torch.arange(H, device=codes.device)[None, None].expand_as(codes), codes]
 
     def needs_init(self) -> bool:
         """True until the first-batch initialisation happened."""
@@ -101,6 +131,7 @@ class VectorQuantizer(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._init_done = bool(int(self.initialized))  # loaded: one read, at load time
+        self._n_updates = int(self.n_updates)
 
     @torch.no_grad()
     def _sample_keys(self, k: Tensor) -> Tensor:
@@ -125,29 +156,38 @@ class VectorQuantizer(nn.Module):
             getattr(self, name).zero_()
         self.reseed_keys = None
         self.init_keys = None
+        self._stats_pending = False
 
     @torch.no_grad()
     def accumulate(self, k: Tensor, codes: Tensor, quant: Tensor) -> None:
-        H = self.n_heads
-        self.stat_err[0] += (k - quant).pow(2).sum().to(self.stat_err.dtype)
-        self.stat_err[1] += k.pow(2).sum().to(self.stat_err.dtype)
-        flat_codes = codes.reshape(-1, H).t()  # (H, N)
-        flat_k = k.reshape(-1, H, self.dim).transpose(0, 1)  # (H, N, d)
-        self.stat_count.scatter_add_(1, flat_codes, torch.ones_like(flat_codes, dtype=self.stat_count.dtype))
-        self.stat_sum.scatter_add_(1, flat_codes[..., None].expand(-1, -1, self.dim), flat_k.to(self.stat_sum.dtype))
+        """Add a batch's statistics: k float32 (B, T, H, d), codes (B, T, H), quant = its code vectors."""
+        self._stats_pending = self._stats_pending or k.numel() > 0
+        accumulate_stats((self.stat_count, self.stat_sum, self.stat_err), k, codes, quant)
+
+    @torch.no_grad()
+    def step_metric_tensors(self) -> dict:
+        """`step_metrics` as 0-dim device tensors (no host synchronisation)."""
+        usage, perplexity = code_usage_perplexity(self.stat_count.float())
+        dead = self.c_count < self.dead_code_threshold * self.c_count.mean(-1, keepdim=True)
+        return {"usage": usage, "perplexity": perplexity,
+                "rel_error": (self.stat_err[0] / self.stat_err[1].clamp(min=1e-12)).sqrt(),
+                "dead_codes": dead.float().mean()}
 
     @torch.no_grad()
     def step_metrics(self) -> dict:
-        """Codebook health over the statistics accumulated this step (call before apply_update)."""
-        usage, perplexity = code_usage_perplexity(self.stat_count.float())
-        return {"usage": float(usage), "perplexity": float(perplexity),
-                "rel_error": float((self.stat_err[0] / self.stat_err[1].clamp(min=1e-12)).sqrt()),
-                "dead_codes": float((self.c_count < self.dead_code_threshold * self.c_count.mean(-1, keepdim=True)).float().mean())}
+        """Codebook health over the statistics accumulated this step (call before apply_update), as floats: one
+        device-to-host copy. Optional: nothing else reads it, so a trainer calls it on logging steps only."""
+        metrics = self.step_metric_tensors()
+        values = torch.stack([v.float() for v in metrics.values()]).tolist()
+        return dict(zip(metrics, values))
 
     @torch.no_grad()
     def apply_update(self) -> None:
-        """One EMA k-means step from the accumulated (already all-reduced) statistics, then reset them."""
-        if float(self.stat_count.sum()) == 0.0:
+        """One EMA k-means step from the accumulated (already all-reduced) statistics, then reset them.
+
+        Whether there are statistics is the host's record of training forwards since the last reset (every
+        replica of a data-parallel group runs the same forwards); nothing is read back from the device."""
+        if not self._stats_pending:
             self.reset_stats()  # no training forward this step: nothing to apply, no pending sample kept
             return
         if self.init_keys is not None and self.needs_init():
@@ -164,48 +204,79 @@ class VectorQuantizer(nn.Module):
         reseed_keys = self.reseed_keys
         self.reset_stats()
         self.n_updates += 1
+        self._n_updates += 1
         if self.dead_code_threshold > 0:
             if self.dead_code_reseed == "batch":
-                if reseed_keys is not None and bool(torch.isfinite(reseed_keys).all()):
-                    self.reseed_dead_codes(reseed_keys)
+                if reseed_keys is not None:  # a non-finite sample (bad micro-batch) re-seeds nothing
+                    self.reseed_dead_codes(reseed_keys, enabled=torch.isfinite(reseed_keys).all())
             else:
                 self.split_dead_codes()
 
+    def _dead(self) -> Tensor:
+        """(H, S) codes whose EMA count is below threshold * the head's mean count."""
+        return self.c_count < self.dead_code_threshold * self.c_count.mean(-1, keepdim=True)
+
     @torch.no_grad()
-    def reseed_dead_codes(self, keys: Tensor) -> None:
+    def reseed_dead_codes(self, keys: Tensor, enabled: Tensor | None = None) -> None:
         """Move codes whose EMA count fell below threshold * mean count onto the given keys (H, n, d),
         deadest code first onto the worst-served key; each gets count threshold * mean, so a code that
         attracts no keys in the next step is moved again. A pure function of the (synchronised)
-        buffers and keys: replicas stay identical."""
-        keys = keys.to(self.c_sum)
-        for h in range(self.n_heads):
-            count = self.c_count[h]
-            floor = self.dead_code_threshold * count.mean()
-            dead = (count < floor).nonzero().flatten()
-            dead = dead[count[dead].argsort(stable=True)][: keys.shape[1]]
-            if dead.numel() == 0:
-                continue
-            self.c_count[h, dead] = floor
-            self.c_sum[h, dead] = keys[h, : dead.numel()] * floor
+        buffers and keys: replicas stay identical. `enabled` (a 0-dim bool tensor) gates the whole change."""
+        H, S, d = self.c_sum.shape
+        keys = keys.to(self.c_sum)[:, :S]
+        floor = self.dead_code_threshold * self.c_count.mean(-1, keepdim=True)  # (H, 1)
+        order = self.c_count.argsort(dim=-1, stable=True)  # deadest first; equal counts by code index
+        count = self.c_count.gather(1, order)
+        move = (count < floor) & (torch.arange(S, device=order.device) < keys.shape[1])  # (H, S), sorted order
+        if enabled is not None:
+            move &= enabled
+        keys = F.pad(keys, (0, 0, 0, S - keys.shape[1]))
+        rows = order[..., None].expand(H, S, d)
+        self.c_count.scatter_(1, order, torch.where(move, floor, count))
+        self.c_sum.scatter_(1, rows, torch.where(move[..., None], keys * floor[..., None], self.c_sum.gather(1, rows)))
+
+    def _split_noise(self, n_dead: Tensor) -> Tensor:
+        """(H, S, d): row j of head h is the noise of that head's j-th dead code, i.e. row j of
+        torch.randn((n_h, d)) drawn head after head (heads without dead codes draw nothing) from one CPU
+        generator seeded with the update count. With d a multiple of 16 these draws are the consecutive rows of
+        one (H S, d) draw (CPU randn fills blocks of 16 values), so the per-head counts stay on the device;
+        other widths read them (a host synchronisation on CUDA)."""
+        H, S, d = self.c_sum.shape
+        dev = self.c_sum.device
+        if d % 16 == 0:
+            table = _normal_rows(self._n_updates, H * S, d, str(dev))
+        else:
+            gen = torch.Generator(device="cpu").manual_seed(self._n_updates)
+            draws = [torch.randn((n, d), generator=gen) for n in n_dead.tolist() if n > 0]
+            table = torch.cat(draws + [torch.zeros(H * S - sum(len(t) for t in draws), d)]).to(dev)
+        first = torch.cumsum(n_dead, 0) - n_dead  # (H,) rows drawn by the heads before
+        idx = (first[:, None] + torch.arange(S, device=dev)[None]).clamp(max=H * S - 1)
+        return table[idx]
 
     @torch.no_grad()
     def split_dead_codes(self) -> None:
         """Re-seed codes whose EMA count fell below threshold * mean count by splitting the most used
         codes (LBG-style: a copy plus a small perturbation, the count shared between the two).
         A pure function of the synchronised buffers and the update counter, so every data-parallel
-        replica makes the same change without communicating."""
-        gen = torch.Generator(device="cpu").manual_seed(int(self.n_updates))
-        for h in range(self.n_heads):
-            count = self.c_count[h]
-            dead = (count < self.dead_code_threshold * count.mean()).nonzero().flatten()
-            if dead.numel() == 0:
-                continue
-            donors = count.argsort(descending=True)[: dead.numel()]
-            centers = self.c_sum[h, donors] / count[donors].clamp(min=self.eps)[:, None]
-            scale = centers.pow(2).mean(-1, keepdim=True).sqrt()
-            noise = torch.randn(centers.shape, generator=gen).to(centers) * 0.05 * scale
-            half = count[donors] / 2
-            self.c_count[h, donors] = half
-            self.c_sum[h, donors] = (centers - noise) * half[:, None]
-            self.c_count[h, dead] = half
-            self.c_sum[h, dead] = (centers + noise) * half[:, None]
+        replica makes the same change without communicating. Per head, the j-th dead code (by index) and the
+        j-th most used code split the j-th most used code."""
+        H, S, d = self.c_sum.shape
+        dead = self._dead()
+        n_dead = dead.sum(-1)  # (H,)
+        listed = torch.arange(S, device=dead.device)[None] < n_dead[:, None]  # (H, S) list positions in use
+        dead_idx = (~dead).to(torch.uint8).argsort(dim=-1, stable=True)  # dead codes first, by index
+        donors = self.c_count.argsort(dim=-1, descending=True)
+        count = self.c_count.gather(1, donors)
+        centers = self.c_sum.gather(1, donors[..., None].expand(H, S, d)) / count.clamp(min=self.eps)[..., None]
+        scale = centers.pow(2).mean(-1, keepdim=True).sqrt()
+        noise = self._split_noise(n_dead).to(centers) * 0.05 * scale
+        half = count / 2
+        # write through one spare slot (index S) that takes the unused list positions
+        c_count = F.pad(self.c_count, (0, 1))
+        c_sum = F.pad(self.c_sum, (0, 0, 0, 1))
+        for idx, word in ((donors, centers - noise), (dead_idx, centers + noise)):  # donors first: a code in
+            idx = torch.where(listed, idx, S)  # both lists ends up as a dead code's copy
+            c_count.scatter_(1, idx, half)
+            c_sum.scatter_(1, idx[..., None].expand(H, S, d), word * half[..., None])
+        self.c_count.copy_(c_count[:, :S])
+        self.c_sum.copy_(c_sum[:, :S])

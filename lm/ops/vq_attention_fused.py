@@ -10,7 +10,9 @@ Design (FlashAttention-2 style, one online softmax per query over three parts):
   * forward kernel, one program per (query block of BM rows inside chunk r, b*h): loops over codebook
     blocks (score q.c*scale + log N, value Ubar), over the previous chunk's keys (bias b[i+C-j] where
     i + C - j <= C) and over the own chunk's keys causally (bias b[i-j]); keeps acc, running max and
-    sum; stores out and the base-2 log-sum-exp. Scores never exceed one (BM x BN) tile;
+    sum; stores out and the base-2 log-sum-exp. Scores never exceed one (BM x BN) tile. Every kernel reads
+    the bias by distance from its (C + 1)-vector per head (scaled to base 2 once on the host), which stays
+    in L1: no (BLK x BLK) Toeplitz tiles;
   * backward, all in kernels (no fp32 copies of q/k/v-sized tensors in torch): delta = rowsum(dO * O);
     kernel dcache (per chunk and code block: dUbar = p_cache^T dO), turned in place by a suffix-scan
     kernel into the gradient of each chunk's value sums, dSum[r'] = sum_{r >= r'+2} dUbar[r] / max(N[r], 1);
@@ -49,22 +51,21 @@ BLK = 64  # key / code block and the dq kernel's square tile; chunk_size must be
 CONFIG = {"fwd_warps": 4, "bwd_warps": 4, "stages": 3, "bias_grad": 1}
 
 
-def _bias_tiles(bias: Tensor, C: int) -> tuple[Tensor, Tensor]:
-    """Bias tiles in the base-2 score domain: BT[h, t, a, c] = bias[h, t*BLK + a - c] * log2(e) where
-    0 <= t*BLK + a - c <= C, else 0; t = (query block start - key block start (+C for the previous
-    chunk)) / BLK. Returns (BT, BT transposed in its last two dims), each (H, 2C/BLK, BLK, BLK) fp32."""
-    dev = bias.device
-    nt = 2 * C // BLK
-    d = (torch.arange(nt, device=dev)[:, None, None] * BLK + torch.arange(BLK, device=dev)[None, :, None]
-         - torch.arange(BLK, device=dev)[None, None, :])
-    ok = (d >= 0) & (d <= C)
-    bt = torch.where(ok, bias.float()[:, d.clamp(0, C)] * LOG2E, 0.0).contiguous()
-    return bt, bt.transpose(-1, -2).contiguous()
+def _bias_base2(bias: Tensor) -> Tensor:
+    """The bias in the base-2 score domain, bias * log2(e): (H, C + 1) fp32, contiguous."""
+    return (bias.float() * LOG2E).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bias_at(B2, h, d, C: tl.constexpr):
+    """B2[h, d] for distances d (any shape) inside the window 0 <= d <= C, else 0."""
+    ok = (d >= 0) & (d <= C)
+    return tl.load(B2 + h * (C + 1) + tl.where(ok, d, 0), mask=ok, other=0.0)
 
 
 @triton.jit
@@ -97,8 +98,6 @@ def _fwd_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, O, LSE,
     dk = tl.arange(0, DK)
     dv = tl.arange(0, DV)
     offs_n = tl.arange(0, BN)
-    NT: tl.constexpr = 2 * C // BM  # bias tiles per head (needs BM == BN)
-    bt_off = tl.arange(0, BM)[:, None] * BN + offs_n[None, :]
     q = tl.load(Q + b * s_qb + h * s_qh + q_pos[:, None] * s_qt + dk[None, :], mask=q_ok[:, None], other=0.0)
     m_i = tl.full([BM], -1e30, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -127,7 +126,7 @@ def _fwd_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, O, LSE,
         if HAS_BIAS:
             base = mb * BM + C - j0
             if base - (BM - 1) <= C:  # some pair of the tile inside the window
-                s += tl.load(BIAS + (h * NT + base // BM) * (BM * BN) + bt_off)
+                s += _bias_at(BIAS, h, i_loc[:, None] + C - j[None, :], C)
         vv = tl.load(v_base + (kp + j)[:, None] * s_vt + dv[None, :])
         m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, vv, PREC)
 
@@ -142,7 +141,7 @@ def _fwd_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, O, LSE,
         d = i_loc[:, None] - j[None, :]
         keep = (d >= 0) & k_ok[None, :]
         if HAS_BIAS:
-            s += tl.load(BIAS + (h * NT + (mb * BM - j0) // BM) * (BM * BN) + bt_off)
+            s += _bias_at(BIAS, h, d, C)
         s = tl.where(keep, s, float("-inf"))
         vv = tl.load(v_base + (ko + j)[:, None] * s_vt + dv[None, :], mask=k_ok[:, None], other=0.0)
         m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, vv, PREC)
@@ -201,8 +200,6 @@ def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     db_ptr = DBIAS + (bh * R + r) * (C + 1)  # partial row of this (b, h, chunk)
-    NT: tl.constexpr = 2 * C // BL
-    bt_off = tl.arange(0, BL)[:, None] * BL + offs_n[None, :]
 
     cb_base = CB + h * S * DK
     ln_base = LOGN + (bh * R + r) * S
@@ -227,7 +224,7 @@ def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
         win = d <= C
         if HAS_BIAS:
             if j0 + BL > i0:
-                s += tl.load(BIAS + (h * NT + (i0 + C - j0) // BL) * (BL * BL) + bt_off)
+                s += _bias_at(BIAS, h, d, C)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -247,7 +244,7 @@ def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
         d = i_loc[:, None] - j[None, :]
         keep = (d >= 0) & k_ok[None, :] & q_ok[:, None]
         if HAS_BIAS:
-            s += tl.load(BIAS + (h * NT + (i0 - j0) // BL) * (BL * BL) + bt_off)
+            s += _bias_at(BIAS, h, d, C)
         p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -287,8 +284,6 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, CODES, DSUM, DKo, DVo,
     gv = tl.zeros([BN, DV], tl.float32)
     q_base = Q + b * s_qb + h * s_qh
     do_base = DO + b * s_db + h * s_dh
-    NT: tl.constexpr = 2 * C // BN  # bias tiles per head (transposed table; needs BM == BN)
-    bt_off = tl.arange(0, BN)[:, None] * BM + offs_m[None, :]
 
     # own chunk: queries i >= j
     lo = (nb * BN // BM) * BM
@@ -305,7 +300,7 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, CODES, DSUM, DKo, DVo,
         d = i_loc[None, :] - j_loc[:, None]
         keep = (d >= 0) & q_ok[None, :] & k_ok[:, None]
         if HAS_BIAS:
-            sT += tl.load(BIAS + (h * NT + (i0 - nb * BN) // BN) * (BN * BM) + bt_off)
+            sT += _bias_at(BIAS, h, d, C)
         pT = tl.where(keep, tl.exp2(sT - lse[None, :]), 0.0)
         gv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -327,7 +322,7 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, CODES, DSUM, DKo, DVo,
         if HAS_BIAS:
             base = i0 + C - nb * BN
             if base - (BN - 1) <= C:
-                sT += tl.load(BIAS + (h * NT + base // BN) * (BN * BM) + bt_off)
+                sT += _bias_at(BIAS, h, d, C)
         pT = tl.where(q_ok[None, :], tl.exp2(sT - lse[None, :]), 0.0)
         gv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -495,9 +490,9 @@ class _FusedVQAttention(torch.autograd.Function):
             kx, vx, koff = k_hat, v, 0
         if bias is not None:
             with torch.no_grad():
-                bt, btt = _bias_tiles(bias.detach(), C)
+                bt = _bias_base2(bias.detach())
         else:
-            bt = btt = q.new_zeros(1, dtype=torch.float32)
+            bt = q.new_zeros(1, dtype=torch.float32)
         out = torch.empty(B, T, H, Dv, dtype=v.dtype, device=q.device)
         lse = torch.empty(B * H, R * C, dtype=torch.float32, device=q.device)
         prec = _grid_cfg(q.dtype)
@@ -510,13 +505,13 @@ class _FusedVQAttention(torch.autograd.Function):
             T, koff, H, R, scale * LOG2E,
             HAS_BIAS=bias is not None, C=C, S=Sp, DK=Dk, DV=Dv, BM=bm, BN=BLK, PREC=prec,
             num_warps=CONFIG["fwd_warps"], num_stages=CONFIG["stages"])
-        ctx.save_for_backward(q, kx, vx, codes, cb, logn, ubar, cnt, bt, btt, out, lse)
+        ctx.save_for_backward(q, kx, vx, codes, cb, logn, ubar, cnt, bt, out, lse)
         ctx.meta = (C, scale, koff, bias is not None, bias.dtype if bias is not None else None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, kx, vx, codes, cb, logn, ubar, cnt, bt, btt, out, lse = ctx.saved_tensors
+        q, kx, vx, codes, cb, logn, ubar, cnt, bt, out, lse = ctx.saved_tensors
         C, scale, koff, has_bias, bias_dtype = ctx.meta
         B, T, H, Dk = q.shape
         Dv = vx.shape[-1]
@@ -568,7 +563,7 @@ class _FusedVQAttention(torch.autograd.Function):
         gk = torch.empty(B, T, H, Dk, dtype=q.dtype, device=dev)
         gv = torch.empty(B, T, H, Dv, dtype=vx.dtype, device=dev)
         _bwd_dkdv_kernel[(R * (C // BLK), B * H)](
-            q, kx, vx, btt, do, lse, delta, codes, du, gk, gv,
+            q, kx, vx, bt, do, lse, delta, codes, du, gk, gv,
             q.stride(0), q.stride(1), q.stride(2), kx.stride(0), kx.stride(1), kx.stride(2),
             vx.stride(0), vx.stride(1), vx.stride(2), do.stride(0), do.stride(1), do.stride(2),
             codes.stride(0), codes.stride(1), codes.stride(2),
