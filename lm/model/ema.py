@@ -6,6 +6,11 @@ Per channel d and EMA dimension n (research/longvq_algorithm.md §A.2.3):
     y_t[d]    = sqrt(1/N) * sum_n gamma[d, n] * h_t[d, n] + omega[d] * x_t[d]
 The parallel form convolves x with K[d, l] = sqrt(1/N) sum_n gamma p beta q^l (FFT, fp32) and adds the
 contribution of an incoming state h_0: sqrt(1/N) sum_n gamma q^(t+1) h_0.
+
+Sequence parallelism (`sp`, lm/parallel/sequence.py): each rank scans its segment from a zero state; the
+segment-final states of the earlier ranks, combined in closed form (decay q^T per segment of T tokens), are
+this segment's true initial state, whose contribution is then added. The final state and the state
+contribution are computed in blocks of about sqrt(T) positions, so no (D, N, T) tensor is formed.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -70,15 +76,20 @@ class MultiDimEMA(nn.Module):
         # fused reduction that never writes the (D, N, L) powers to memory
         return ((pb * self.gamma.to(q.dtype) * self.scale)[..., None] * self._powers(q, 0, length)).sum(1)
 
-    def forward(self, x: Tensor, state: Optional[Tensor] = None, return_state: bool = False):
-        """x (B, T, D) -> (y (B, T, D), h_T (B, D, N) or None). state: h_0 (B, D, N) in acc_dtype."""
+    def forward(self, x: Tensor, state: Optional[Tensor] = None, return_state: bool = False, sp=None):
+        """x (B, T, D) -> (y (B, T, D), h_T (B, D, N) or None). state: h_0 (B, D, N) in acc_dtype.
+
+        sp: a sequence-parallel context (x is this rank's segment); the initial state comes from the
+        earlier ranks through `sp.ema_initial_state` and gradients flow back to them."""
+        if sp is not None and state is not None:
+            raise ValueError("the EMA takes either a carried state or a sequence-parallel context, not both")
         with torch.autocast(x.device.type, enabled=False):  # FFT and kernel in float32 even under bf16 autocast
             if x.shape[1] == 1 and state is not None:  # decoding: one recurrence step, no FFT
                 y, h = self.step(x, state)
                 return y, (h if return_state else None)
-            return self._forward(x, state, return_state)
+            return self._forward(x, state, return_state, sp)
 
-    def _forward(self, x: Tensor, state: Optional[Tensor], return_state: bool):
+    def _forward(self, x: Tensor, state: Optional[Tensor], return_state: bool, sp=None):
         B, T, D = x.shape
         f = self.acc_dtype
         xf = x.to(f).transpose(1, 2)  # (B, D, T)
@@ -86,16 +97,45 @@ class MultiDimEMA(nn.Module):
         n = 2 * T
         y = torch.fft.irfft(torch.fft.rfft(xf, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :T]
         pb, q = self.coefficients()
-        gamma = self.gamma.to(f) * self.scale
+        local_final = None
+        if sp is not None:  # the true initial state: the earlier segments' final states, decayed
+            local_final = self.final_state(xf, pb, q)
+            state = sp.ema_initial_state(local_final, q.pow(T))
         if state is not None:
-            y = y + torch.einsum("dn,dnt,bdn->bdt", gamma, self._powers(q, 1, T + 1), state.to(f))
+            y = y + self.state_contribution(state.to(f), q, T)
         y = y.transpose(1, 2) + x.to(f) * self.omega.to(f)
         new_state = None
         if return_state:
-            new_state = torch.einsum("dn,dnt,bdt->bdn", pb, self._powers(q, T - 1, -1, -1), xf)
+            new_state = self.final_state(xf, pb, q) if local_final is None else local_final
             if state is not None:
                 new_state = new_state + q.pow(T)[None] * state.to(f)
         return y.to(x.dtype), new_state
+
+    @staticmethod
+    def _block(T: int) -> int:
+        return max(1, math.isqrt(T - 1) + 1) if T > 1 else 1
+
+    def final_state(self, xf: Tensor, pb: Tensor, q: Tensor) -> Tensor:
+        """h_T = sum_t pb q^(T-1-t) x_t from h_0 = 0 (xf: (B, D, T) in acc_dtype) -> (B, D, N).
+
+        Two levels: positions t = k L + l in K blocks of L ~ sqrt(T); partial states per block with the
+        powers q^(L-1-l), then the blocks combined with q^(L (K-1-k)). Memory O(D N sqrt(T))."""
+        B, D, T = xf.shape
+        L = self._block(T)
+        K = -(-T // L)
+        xb = F.pad(xf, (K * L - T, 0)).view(B, D, K, L)  # leading zeros leave the final state unchanged
+        partial = torch.einsum("dnl,bdkl->bdnk", self._powers(q, L - 1, -1, -1), xb)
+        return pb[None] * torch.einsum("dnk,bdnk->bdn", self._powers(q, L * (K - 1), -1, -L), partial)
+
+    def state_contribution(self, state: Tensor, q: Tensor, T: int) -> Tensor:
+        """sqrt(1/N) sum_n gamma q^(t+1) h_0 for t < T: (B, D, T), in blocks as `final_state`."""
+        B, D, _ = state.shape
+        L = self._block(T)
+        K = -(-T // L)
+        gamma = self.gamma.to(q.dtype) * self.scale
+        outer = (gamma * q)[None, ..., None] * state[..., None] * self._powers(q, 0, K * L, L)[None]  # (B, D, N, K)
+        y = torch.einsum("bdnk,dnl->bdkl", outer, self._powers(q, 0, L))
+        return y.reshape(B, D, K * L)[..., :T]
 
     def step(self, x: Tensor, state: Optional[Tensor] = None):
         """Recurrent reference: x (B, T, D), one token at a time. Returns (y, h_T)."""
