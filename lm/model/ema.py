@@ -84,12 +84,26 @@ class MultiDimEMA(nn.Module):
         if sp is not None and state is not None:
             raise ValueError("the EMA takes either a carried state or a sequence-parallel context, not both")
         with torch.autocast(x.device.type, enabled=False):  # FFT and kernel in float32 even under bf16 autocast
+            if sp is not None:
+                return self._forward_segment(x, return_state, sp)
             if x.shape[1] == 1 and state is not None:  # decoding: one recurrence step, no FFT
                 y, h = self.step(x, state)
                 return y, (h if return_state else None)
-            return self._forward(x, state, return_state, sp)
+            return self._forward(x, state, return_state)
 
-    def _forward(self, x: Tensor, state: Optional[Tensor], return_state: bool, sp=None):
+    def _forward_segment(self, x: Tensor, return_state: bool, sp):
+        """One segment of a sequence split over ranks: the scan from a zero state, then the contribution of
+        the true initial state, which the earlier ranks' final states give in closed form."""
+        T = x.shape[1]
+        y, local_final = self._forward(x, None, True)  # local_final carries autograd to x and the parameters
+        _, q = self.coefficients()
+        decay = q.pow(T)
+        h0 = sp.ema_initial_state(local_final, decay)
+        f = self.acc_dtype
+        y = (y.to(f) + self.state_contribution(h0, q, T).transpose(1, 2)).to(x.dtype)
+        return y, (local_final + decay[None] * h0 if return_state else None)
+
+    def _forward(self, x: Tensor, state: Optional[Tensor], return_state: bool):
         B, T, D = x.shape
         f = self.acc_dtype
         xf = x.to(f).transpose(1, 2)  # (B, D, T)
@@ -97,16 +111,12 @@ class MultiDimEMA(nn.Module):
         n = 2 * T
         y = torch.fft.irfft(torch.fft.rfft(xf, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :T]
         pb, q = self.coefficients()
-        local_final = None
-        if sp is not None:  # the true initial state: the earlier segments' final states, decayed
-            local_final = self.final_state(xf, pb, q)
-            state = sp.ema_initial_state(local_final, q.pow(T))
         if state is not None:
             y = y + self.state_contribution(state.to(f), q, T)
         y = y.transpose(1, 2) + x.to(f) * self.omega.to(f)
         new_state = None
         if return_state:
-            new_state = self.final_state(xf, pb, q) if local_final is None else local_final
+            new_state = self.final_state(xf, pb, q)
             if state is not None:
                 new_state = new_state + q.pow(T)[None] * state.to(f)
         return y.to(x.dtype), new_state
