@@ -265,10 +265,9 @@ class RunConfig:
         _check(seq % sp == 0 and (seq // sp) % C == 0,
                f"the segment length data.seq_len / parallel.sequence_parallel = {seq} / {sp} must be a multiple of "
                f"model.longvq.chunk_size={C}: segments hold whole chunks")
-        _check(m.longvq.attention_impl in ("chunked", "auto"),
-               f"model.longvq.attention_impl={m.longvq.attention_impl} cannot run with parallel.sequence_parallel > 1: "
-               "use chunked or auto (the dense oracle keeps the whole history; the fused kernel does not return "
-               "gradients for an incoming state yet)")
+        _check(m.longvq.attention_impl != "dense",
+               "model.longvq.attention_impl=dense cannot run with parallel.sequence_parallel > 1 (the dense oracle "
+               "keeps the whole history, not a constant-size state): use chunked, fused or auto")
 
 
 def _check(ok: bool, message: str) -> None:

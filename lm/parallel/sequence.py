@@ -52,6 +52,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lm.ops import vq_attention
+from lm.ops.vq_attention import resolve_impl
 from lm.ops.vq_attention_ref import VQAttentionState, code_statistics
 
 
@@ -190,7 +191,6 @@ class SequenceContext:
         if T % C:
             raise ValueError(f"sequence parallelism needs segments of whole chunks: segment length {T} is not "
                              f"a multiple of chunk_size {C}")
-        impl = self.attention_impl(impl)
         last = slice(T - C, T)
         kt, vt, zt = (t[:, last].transpose(1, 2) for t in (k, v, codes))  # (B, H, C, .)
         prev_k, prev_v, prev_codes = self.previous_chunk(kt, vt, zt)
@@ -207,23 +207,18 @@ class SequenceContext:
             cur_codes=codes.new_zeros(B, H, 0), prev_k=prev_k if has_prev else None,
             prev_v=prev_v if has_prev else None, prev_codes=prev_codes if has_prev else None,
             cache_count=prefix[..., 0].detach(), cache_sum=prefix[..., 1:])
+        impl = self.attention_impl(impl, q, v, C, state)
         return vq_attention(q, k, v, codes, codebook, chunk_size=C, bias=bias, scale=scale, state=state,
                             return_state=return_state, impl=impl)
 
     @staticmethod
-    def attention_impl(impl: str) -> str:
-        """The attention implementation that runs under sequence parallelism: the chunked form (its
-        incoming state carries autograd). The dense oracle keeps no constant-size state, and the fused
-        kernel does not yet return gradients for an incoming state (docs/parallelism.md)."""
+    def attention_impl(impl: str, q: Tensor, v: Tensor, chunk_size: int, state: VQAttentionState) -> str:
+        """The implementation that runs this segment: chunked or fused (both take an incoming state that
+        carries autograd and return its gradients); the dense oracle keeps the whole history, not a state."""
         if impl == "dense":
             raise ValueError("model.longvq.attention_impl=dense cannot run with parallel.sequence_parallel > 1 "
-                             "(it keeps the whole history); use chunked or auto")
-        if impl == "fused":
-            raise ValueError("model.longvq.attention_impl=fused does not return gradients for the state that "
-                             "sequence parallelism passes in; use chunked or auto")
-        if impl not in ("chunked", "auto"):
-            raise ValueError(f"attention impl {impl!r} is not one of dense, chunked, fused, auto")
-        return "chunked"
+                             "(it keeps the whole history); use chunked, fused or auto")
+        return resolve_impl(impl, q, v, chunk_size, state)
 
     @torch.compiler.disable
     def head_parallel_attention(self, q: Tensor, k: Tensor, v: Tensor, attend) -> Tensor:
