@@ -266,27 +266,31 @@ def build_sequence_context(sequence_parallel: int) -> Optional[SequenceContext]:
 # --------------------------------------------------------------------------------------------
 
 
-def exchange_bytes(model_cfg, micro_batch: int, sequence_parallel: int, seq_len: int, act_bytes: int = 2) -> dict:
+def exchange_bytes(model_cfg, micro_batch: int, sequence_parallel: int, seq_len: int,
+                   dtype: torch.dtype = torch.bfloat16) -> dict:
     """Bytes one rank receives per layer per micro-batch, forward + backward, under sequence parallelism
-    (a middle rank; the first and last receive less). Returns {"per_layer": total, "parts": {name: bytes}}.
+    (a middle rank; the first and last receive less), with activations in `dtype`.
+    Returns {"per_layer": total, "parts": {name: bytes}}.
 
-    LongVQ: the EMA state and the code cache each arrive once forward (fp32) and their gradients once
-    backward; the previous chunk's keys and values (activation dtype) and codes (int64) forward, their
-    gradients backward. Nothing depends on seq_len or on the group size. Transformer (Ulysses): four
-    all-to-alls forward (q, k, v, out) and four backward, each moving (N - 1) / N of the local
-    (B, T / N, D) activations: grows with seq_len."""
+    LongVQ: the EMA state and the code cache (counts and value sums) arrive once forward in the state
+    precision (float32 at least) and their gradients once backward; the previous chunk's keys and values
+    (activation dtype) and codes (int64) forward, the keys' and values' gradients backward. Nothing depends
+    on seq_len or on the group size. Transformer (Ulysses): four all-to-alls forward (q, k, v, out) and four
+    backward, each bringing (N - 1) / N of the local (B, T / N, D) activations: grows with seq_len."""
     N, B = sequence_parallel, micro_batch
     if N == 1:
         return {"per_layer": 0, "parts": {}}
+    act = dtype.itemsize
+    state = torch.promote_types(dtype, torch.float32).itemsize
     m = model_cfg
     if m.arch == "transformer":
-        a2a = B * (seq_len // N) * m.d_model * act_bytes * (N - 1) // N
+        a2a = B * (seq_len // N) * m.d_model * act * (N - 1) // N
         parts = {"ulysses_all_to_all": 8 * a2a}
     else:
         lv = m.longvq
         H, C, S = lv.n_heads, lv.chunk_size, lv.codebook_size
         dk, dv = lv.z_dim // H, (lv.hidden_dim or 2 * m.d_model) // H
-        parts = {"ema_state": 2 * B * m.d_model * lv.ema_dim * 4,
-                 "code_cache": 2 * B * H * S * (1 + dv) * 4,
-                 "previous_chunk": B * H * C * ((dk + dv) * act_bytes + 8) + B * H * C * (dk + dv) * act_bytes}
+        parts = {"ema_state": 2 * B * m.d_model * lv.ema_dim * state,
+                 "code_cache": 2 * B * H * S * (1 + dv) * state,
+                 "previous_chunk": B * H * C * ((dk + dv) * act + 8) + B * H * C * (dk + dv) * act}
     return {"per_layer": sum(parts.values()), "parts": parts}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from lm.config import ConfigError, RunConfig
 from lm.parallel.deepspeed_config import build_deepspeed_config
 
@@ -102,7 +104,8 @@ def dry_run_report(cfg: RunConfig, world: int) -> str:
         "memory per GPU (rough, GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()),
     ]
     if sp > 1:
-        traffic = exchange_bytes(cfg.model, cfg.train.micro_batch_size, sp, cfg.data.seq_len, 2 if bf16 else 4)
+        traffic = exchange_bytes(cfg.model, cfg.train.micro_batch_size, sp, cfg.data.seq_len,
+                                 torch.bfloat16 if bf16 else torch.float32)
         parts = ", ".join(f"{k} {v / 2**20:.2f}" for k, v in traffic["parts"].items())
         lines.append(f"sequence parallel exchange per rank per layer per micro-batch (forward + backward): "
                      f"{traffic['per_layer'] / 2**20:.2f} MiB ({parts})")

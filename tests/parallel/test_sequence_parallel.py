@@ -205,6 +205,40 @@ class NoEmaState(SequenceContext):
         return super().ema_initial_state(local_final, decay) * 0
 
 
+class CountingExchanges(SequenceContext):
+    """Records the bytes each exchange hands this rank in the forward (the backward returns one gradient of
+    the same size for every floating-point message)."""
+
+    received: list = []
+
+    def _count(self, tensors):
+        type(self).received.append(sum(t.numel() * t.element_size() * (2 if t.is_floating_point() else 1)
+                                       for t in tensors))
+        return tensors
+
+    def ema_initial_state(self, local_final, decay):
+        return self._count([super().ema_initial_state(local_final, decay)])[0]
+
+    def previous_chunk(self, k_last, v_last, codes_last):
+        return tuple(self._count(list(super().previous_chunk(k_last, v_last, codes_last))))
+
+    def cache_prefix(self, packed):
+        return self._count([super().cache_prefix(packed)])[0]
+
+
+def _counting_worker() -> list:
+    _sp_worker("three_layer", 1, variant=CountingExchanges)
+    return CountingExchanges.received
+
+
+def test_exchange_bytes_count_what_the_exchanges_carry():
+    model_cfg, seq_len = three_layer_model()
+    received = run_dist(_counting_worker, world_size=4)[1]  # rank 1: a middle rank, messages both ways
+    assert len(received) == 3 * model_cfg.n_layers  # EMA, previous chunk, cache per layer
+    expected = exchange_bytes(model_cfg, 2, 4, seq_len, torch.float64)["per_layer"]
+    assert sum(received) == model_cfg.n_layers * expected
+
+
 @pytest.mark.parametrize("variant", [DetachedPreviousChunk, NoCachePrefix, NoEmaState])
 def test_a_wrong_exchange_fails_the_comparison(variant):
     (r, _) = run_sp("three_layer", 2, 1, variant=variant)
