@@ -258,6 +258,10 @@ def build_sequence_context(sequence_parallel: int) -> Optional[SequenceContext]:
         group = dist.new_group(ranks)
         if rank in ranks:
             mine = SequenceContext(group=group, rank=ranks.index(rank), size=len(ranks), ranks=tuple(ranks))
+    # One collective over the whole group first: NCCL builds the group's communicator in a call that every
+    # member joins, before the point-to-point messages (where each rank talks to its neighbours only).
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    dist.all_reduce(torch.zeros(1, device=device), group=mine.group)
     return mine
 
 

@@ -43,7 +43,9 @@ def transformer_model() -> tuple[ModelConfig, int]:
 MODELS = {"quickstart": quickstart_model, "three_layer": three_layer_model, "transformer": transformer_model}
 
 
-def batches(model_cfg: ModelConfig, seq_len: int, steps: int, batch: int = 2) -> list[torch.Tensor]:
+def batches(model_cfg: ModelConfig, seq_len: int, steps: int) -> list[torch.Tensor]:
+    """Random token batches: one sequence for the quickstart-sized model (time), two for the small ones."""
+    batch = 1 if model_cfg.d_model >= 128 else 2
     g = torch.Generator().manual_seed(7)
     return [torch.randint(0, model_cfg.vocab_size, (batch, seq_len + 1), generator=g) for _ in range(steps)]
 
