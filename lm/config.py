@@ -195,6 +195,11 @@ class ParallelConfig:
     activation_checkpointing_blocks: int = 0
     """With activation_checkpointing: recompute only the first N blocks (0 = all). Fewer blocks recompute
     less and keep more activations (Megatron's recompute_num_layers)."""
+    sequence_parallel: int = 1
+    """SP: split every training sequence into this many contiguous, chunk-aligned segments on as many ranks
+    (context parallelism; world = DP x SP x PP, the SP ranks of a sequence consecutive). LongVQ passes only its
+    constant-size state between segments; the Transformer uses DeepSpeed-Ulysses (n_heads divisible by SP).
+    See docs/parallelism.md."""
     zero3_persistence_threshold: int = 100_000
     """ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's default, 1e5); 0
     partitions every parameter (the tests use 0 so that tiny models really are partitioned)."""
@@ -244,6 +249,32 @@ class RunConfig:
                "train.on_nonfinite=skip needs the loss before the update, which pipelines only report after it: "
                "use train.on_nonfinite=rollback (or halt) with parallel.pipeline_stages > 1")
         _check(self.optim.lr > 0 and 0 <= self.optim.min_lr_ratio <= 1, "optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
+        self._validate_sequence_parallel()
+
+    def _validate_sequence_parallel(self) -> None:
+        sp, m, seq = self.parallel.sequence_parallel, self.model, self.data.seq_len
+        _check(sp >= 1, f"parallel.sequence_parallel must be >= 1, got {sp}")
+        if sp == 1:
+            return
+        _check(self.parallel.pipeline_stages == 1,
+               f"parallel.sequence_parallel={sp} works with parallel.pipeline_stages=1 only (got "
+               f"{self.parallel.pipeline_stages}): use sequence parallelism or pipeline stages, not both")
+        if m.arch == "transformer":
+            _check(seq % sp == 0, f"data.seq_len={seq} must be divisible by parallel.sequence_parallel={sp}")
+            _check(m.transformer.n_heads % sp == 0,
+                   f"model.transformer.n_heads={m.transformer.n_heads} must be divisible by parallel.sequence_parallel="
+                   f"{sp}: Ulysses gives each rank whole heads")
+            return
+        C = m.longvq.chunk_size
+        _check(sp <= seq // C,
+               f"parallel.sequence_parallel={sp} is larger than the {seq // C} chunks of a sequence (data.seq_len="
+               f"{seq} / model.longvq.chunk_size={C}): every rank needs at least one chunk")
+        _check(seq % sp == 0 and (seq // sp) % C == 0,
+               f"the segment length data.seq_len / parallel.sequence_parallel = {seq} / {sp} must be a multiple of "
+               f"model.longvq.chunk_size={C}: segments hold whole chunks")
+        _check(m.longvq.attention_impl != "dense",
+               "model.longvq.attention_impl=dense cannot run with parallel.sequence_parallel > 1 (the dense oracle "
+               "keeps the whole history, not a constant-size state): use chunked, fused or auto")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -23,7 +23,7 @@ def test_run_local_trains_with_two_processes(tmp_path, launcher):
     proc = subprocess.run(["bash", "launch/run_local.sh", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "world 2 = DP 2 x PP 1; ZeRO-2" in proc.stdout + proc.stderr
+    assert "world 2 = DP 2 x SP 1 x PP 1; ZeRO-2" in proc.stdout + proc.stderr
     ckpt = tmp_path / "run/checkpoints/global_step2"
     assert (ckpt / "config.yaml").is_file()
     assert len(list(ckpt.glob("*optim_states.pt"))) == 2  # one ZeRO shard per rank

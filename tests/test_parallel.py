@@ -124,7 +124,7 @@ def test_dry_run_prints_topology_and_memory(capsys):
     assert main([str(ROOT / "launch/configs/quickstart.yaml"), "--dry-run", "--world-size", "8",
                  "parallel.pipeline_stages=2", "parallel.zero_stage=1", "train.grad_accum_steps=4"]) == 0
     out = capsys.readouterr().out
-    assert "world 8 = DP 4 x PP 2; ZeRO-1" in out
+    assert "world 8 = DP 4 x SP 1 x PP 2; ZeRO-1" in out
     assert "global batch 256" in out  # 16 micro x 4 accum x 4 DP
     assert "memory per GPU" in out and '"stage": 1' in out
     assert main([str(ROOT / "launch/configs/quickstart.yaml"), "--dry-run", "--world-size", "3",

@@ -9,6 +9,11 @@ The parallel form convolves x with K[d, l] = sqrt(1/N) sum_n gamma p beta q^l (F
 contribution of an incoming state h_0: sqrt(1/N) sum_n gamma q^(t+1) h_0. The scan form
 (lm/ops/ema_scan.py: a Triton kernel on CUDA, its PyTorch twin elsewhere) runs the recurrence in chunks;
 `impl` (model.longvq.ema_impl) picks: fft, scan, or auto (the Triton scan where it runs, else fft).
+
+Sequence parallelism (`sp`, lm/parallel/sequence.py): each rank scans its segment from a zero state; the
+segment-final states of the earlier ranks, combined in closed form (decay q^T per segment of T tokens), are
+this segment's true initial state, whose contribution is then added. The final state and the state
+contribution are computed in blocks of about sqrt(T) positions, so no (D, N, T) tensor is formed.
 """
 
 from __future__ import annotations
@@ -78,10 +83,19 @@ class MultiDimEMA(nn.Module):
         # fused reduction that never writes the (D, N, L) powers to memory
         return ((pb * self.gamma.to(q.dtype) * self.scale)[..., None] * self._powers(q, 0, length)).sum(1)
 
-    def forward(self, x: Tensor, state: Optional[Tensor] = None, return_state: bool = False, silu: bool = False):
+    def forward(self, x: Tensor, state: Optional[Tensor] = None, return_state: bool = False, silu: bool = False,
+                sp=None):
         """x (B, T, D) -> (y (B, T, D), h_T (B, D, N) or None). state: h_0 (B, D, N) in acc_dtype.
-        silu: return SiLU(y) instead (fused into the scan kernel's epilogue where that runs)."""
+        silu: return SiLU(y) instead (fused into the scan kernel's epilogue where that runs).
+
+        sp: a sequence-parallel context (x is this rank's segment); the initial state comes from the
+        earlier ranks through `sp.ema_initial_state` and gradients flow back to them."""
+        if sp is not None and state is not None:
+            raise ValueError("the EMA takes either a carried state or a sequence-parallel context, not both")
         with torch.autocast(x.device.type, enabled=False):  # FFT and kernel in float32 even under bf16 autocast
+            if sp is not None:
+                y, h = self._forward_segment(x, return_state, sp)
+                return (F.silu(y) if silu else y), h
             if x.shape[1] == 1 and state is not None:  # decoding: one recurrence step, no FFT
                 y, h = self.step(x, state)
                 return (F.silu(y) if silu else y), (h if return_state else None)
@@ -93,6 +107,18 @@ class MultiDimEMA(nn.Module):
             return ema_scan(x, pb, q, self.gamma.to(q.dtype), self.omega.to(q.dtype), scale=self.scale, state=state,
                             return_state=return_state, silu=silu, impl=impl)
 
+    def _forward_segment(self, x: Tensor, return_state: bool, sp):
+        """One segment of a sequence split over ranks: the scan from a zero state, then the contribution of
+        the true initial state, which the earlier ranks' final states give in closed form."""
+        T = x.shape[1]
+        y, local_final = self._forward(x, None, True)  # local_final carries autograd to x and the parameters
+        _, q = self.coefficients()
+        decay = q.pow(T)
+        h0 = sp.ema_initial_state(local_final, decay)
+        f = self.acc_dtype
+        y = (y.to(f) + self.state_contribution(h0, q, T).transpose(1, 2)).to(x.dtype)
+        return y, (local_final + decay[None] * h0 if return_state else None)
+
     def _forward(self, x: Tensor, state: Optional[Tensor], return_state: bool):
         B, T, D = x.shape
         f = self.acc_dtype
@@ -101,16 +127,41 @@ class MultiDimEMA(nn.Module):
         n = 2 * T
         y = torch.fft.irfft(torch.fft.rfft(xf, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :T]
         pb, q = self.coefficients()
-        gamma = self.gamma.to(f) * self.scale
         if state is not None:
-            y = y + torch.einsum("dn,dnt,bdn->bdt", gamma, self._powers(q, 1, T + 1), state.to(f))
+            y = y + self.state_contribution(state.to(f), q, T)
         y = y.transpose(1, 2) + x.to(f) * self.omega.to(f)
         new_state = None
         if return_state:
-            new_state = torch.einsum("dn,dnt,bdt->bdn", pb, self._powers(q, T - 1, -1, -1), xf)
+            new_state = self.final_state(xf, pb, q)
             if state is not None:
                 new_state = new_state + q.pow(T)[None] * state.to(f)
         return y.to(x.dtype), new_state
+
+    @staticmethod
+    def _block(T: int) -> int:
+        return max(1, math.isqrt(T - 1) + 1) if T > 1 else 1
+
+    def final_state(self, xf: Tensor, pb: Tensor, q: Tensor) -> Tensor:
+        """h_T = sum_t pb q^(T-1-t) x_t from h_0 = 0 (xf: (B, D, T) in acc_dtype) -> (B, D, N).
+
+        Two levels: positions t = k L + l in K blocks of L ~ sqrt(T); partial states per block with the
+        powers q^(L-1-l), then the blocks combined with q^(L (K-1-k)). Memory O(D N sqrt(T))."""
+        B, D, T = xf.shape
+        L = self._block(T)
+        K = -(-T // L)
+        xb = F.pad(xf, (K * L - T, 0)).view(B, D, K, L)  # leading zeros leave the final state unchanged
+        partial = torch.einsum("dnl,bdkl->bdnk", self._powers(q, L - 1, -1, -1), xb)
+        return pb[None] * torch.einsum("dnk,bdnk->bdn", self._powers(q, L * (K - 1), -1, -L), partial)
+
+    def state_contribution(self, state: Tensor, q: Tensor, T: int) -> Tensor:
+        """sqrt(1/N) sum_n gamma q^(t+1) h_0 for t < T: (B, D, T), in blocks as `final_state`."""
+        B, D, _ = state.shape
+        L = self._block(T)
+        K = -(-T // L)
+        gamma = self.gamma.to(q.dtype) * self.scale
+        outer = (gamma * q)[None, ..., None] * state[..., None] * self._powers(q, 0, K * L, L)[None]  # (B, D, N, K)
+        y = torch.einsum("bdnk,dnl->bdkl", outer, self._powers(q, 0, L))
+        return y.reshape(B, D, K * L)[..., :T]
 
     def step(self, x: Tensor, state: Optional[Tensor] = None):
         """Recurrent reference: x (B, T, D), one token at a time. Returns (y, h_T)."""

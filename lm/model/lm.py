@@ -48,8 +48,8 @@ class Block(nn.Module):
         kind = "silu" if cfg.arch == "longvq" else "swiglu"
         self.ffn = FeedForward(cfg.d_model, ffn_dim, kind, cfg.norm_eps, cfg.dropout)
 
-    def forward(self, x: Tensor, state=None, return_state: bool = False):
-        x, state, aux, metrics = self.mixer(x, state, return_state)
+    def forward(self, x: Tensor, state=None, return_state: bool = False, sp=None):
+        x, state, aux, metrics = self.mixer(x, state, return_state, sp=sp)
         return self.ffn(x), state, aux, metrics
 
 
@@ -74,16 +74,20 @@ class LanguageModel(nn.Module):
             nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
 
     def forward(self, tokens: Tensor, state: Optional[list] = None, return_state: bool = False,
-                targets: Optional[Tensor] = None, loss_chunk_tokens: int = 0) -> ModelOutput:
+                targets: Optional[Tensor] = None, loss_chunk_tokens: int = 0, sp=None) -> ModelOutput:
         """targets (B, T): also return the mean cross-entropy in `loss`. loss_chunk_tokens > 0 computes it
-        that many tokens at a time and returns no logits (memory of long contexts)."""
+        that many tokens at a time and returns no logits (memory of long contexts).
+
+        sp: a sequence-parallel context (lm.parallel.sequence.SequenceContext; None on one process): tokens
+        are then this rank's segment of longer sequences, every layer takes the state of the earlier
+        segments from the other ranks, and `loss` is the mean over this segment."""
         if tokens.dtype != torch.long:
             raise TypeError(f"tokens must be int64 token ids, got {tokens.dtype}")
         x = self.embed(tokens)
         aux = x.new_zeros((), dtype=torch.float32)
         new_states, metrics = [], {}
         for i, block in enumerate(self.blocks):
-            x, s, a, m = block(x, None if state is None else state[i], return_state)
+            x, s, a, m = block(x, None if state is None else state[i], return_state, sp=sp)
             aux = aux + a
             new_states.append(s)
             metrics.update({f"layer{i}/{k}": v for k, v in m.items()})

@@ -79,12 +79,16 @@ class LongVQMixer(nn.Module):
             state_dict[key] = F.pad(saved, (0, self.rel_bias.shape[-1] - saved.shape[-1]))  # saved unpadded
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: Tensor, state: Optional[LongVQState] = None, return_state: bool = False):
+    def forward(self, x: Tensor, state: Optional[LongVQState] = None, return_state: bool = False, sp=None):
+        """sp: sequence-parallel context (lm/parallel/sequence.py) when x is one segment of a sequence split
+        over ranks; the EMA state and the attention state of the tokens before it come through it."""
         B, T, D = x.shape
         H, E, dz = self.n_heads, self.hidden, self.z_dim
+        if sp is not None and state is not None:
+            raise ValueError("a carried state and a sequence-parallel context cannot be combined")
         xn = self.norm(x)
         v = F.silu(self.v_proj(xn))
-        ema_out, ema_state = self.ema(xn, None if state is None else state.ema, return_state, silu=True)  # SiLU(EMA)
+        ema_out, ema_state = self.ema(xn, None if state is None else state.ema, return_state, silu=True, sp=sp)  # SiLU(EMA)
         m = self.hidden_dropout(ema_out)
         u, zr, hx = self.mx_proj(m).split([D, dz + E, D], dim=-1)
         u = torch.sigmoid(u)
@@ -100,10 +104,11 @@ class LongVQMixer(nn.Module):
             k = F.layer_norm(k, (k.shape[-1],), eps=1e-6) if self.key_norm == "center_rms" else rms_normalize(k)
         k_hat, codes, commit, metrics = self.quantizer(k)
         keys = k if self.local_raw_keys else k_hat  # local attention keys; the cache always uses codewords
-        attn, attn_state = vq_attention(
+        attend = vq_attention if sp is None else sp.vq_attention
+        kwargs = {} if sp is not None else {"state": None if state is None else state.attn}
+        attn, attn_state = attend(
             q, keys, v.view(B, T, H, E // H), codes, self.quantizer.codebook.to(q.dtype),
-            chunk_size=self.chunk_size, bias=self.bias, state=None if state is None else state.attn,
-            return_state=return_state, impl=self.impl)
+            chunk_size=self.chunk_size, bias=self.bias, return_state=return_state, impl=self.impl, **kwargs)
         if self.capture:  # lm.ops.vq_diagnostics.attention_mass_split(**self.captured, chunk_size=C)
             self.captured = dict(q=q.detach(), k_hat=keys.detach(), v=v.view(B, T, H, E // H).detach(), codes=codes,
                                  codebook=self.quantizer.codebook.to(q.dtype), bias=self.bias.detach())

@@ -47,15 +47,26 @@ class SelfAttentionMixer(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, state: Optional[KVCache] = None, return_state: bool = False):
+    def forward(self, x: Tensor, state: Optional[KVCache] = None, return_state: bool = False, sp=None):
+        """sp: sequence-parallel context (lm/parallel/sequence.py) when x is one segment of a sequence split
+        over ranks: RoPE at the segment's global positions, attention over the whole sequence by Ulysses."""
         B, T, D = x.shape
+        if sp is not None and (state is not None or return_state):
+            raise ValueError("a KV cache and a sequence-parallel context cannot be combined")
         q, k, v = self.qkv(self.norm(x)).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        offset = 0 if state is None else state.pos
+        offset = sp.position_offset(T) if sp is not None else (0 if state is None else state.pos)
         cos, sin = rope_tables(T, offset, self.head_dim, self.rope_base, x.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if state is not None:
             k = torch.cat([state.k, k], dim=2)
             v = torch.cat([state.v, v], dim=2)
-        y = causal_attention(q, k, v, self.backend).transpose(1, 2).reshape(B, T, D)
+        if sp is not None:
+            y = sp.head_parallel_attention(q, k, v, self._attend)
+        else:
+            y = self._attend(q, k, v)
+        y = y.transpose(1, 2).reshape(B, T, D)
         new_state = KVCache(k.detach(), v.detach()) if return_state else None
         return x + self.dropout(self.out(y)), new_state, x.new_zeros(()), {}
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return causal_attention(q, k, v, self.backend)

@@ -22,6 +22,12 @@ Design (FlashAttention-2 style, one online softmax per query over three parts):
     next chunk, plus dSum gathered at the key's (chunk, code)), storing in the input dtype.
 With a state (pos % C == 0) the state's previous chunk is prepended to the keys/values (key offset
 KOFF = C) and the state's cache seeds the prefix sums; the new state is built exactly as the reference.
+When the incoming state carries autograd (sequence parallelism: it comes from the other ranks), its
+previous chunk's keys and values and its cached value sums get the reference's gradients, on the host
+side of the backward: the cache sums sum_r dUbar[r] / N[r] over every chunk (two chunks read before the
+suffix kernel, the rest from its result), the previous chunk's values that sum from chunk 1 on gathered at
+their codes, and the exact window (chunk 0's queries against the C previous keys) recomputed in torch from
+the saved log-sum-exp: O(C^2) per (b, h), nothing of size T.
 
 Importing needs Triton (ImportError otherwise, the dispatcher falls back); it needs no GPU.
 """
@@ -39,7 +45,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from lm.ops.vq_attention_ref import VQAttentionState, _check_inputs
+from lm.ops.vq_attention_ref import VQAttentionState, _check_inputs, local_bias
 
 LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -477,7 +483,9 @@ def _grid_cfg(dtype):
 
 class _FusedVQAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k_hat, v, bias, prev_k, prev_v, codes, cb, logn, ubar, cnt, C, scale):
+    def forward(ctx, q, k_hat, v, bias, prev_k, prev_v, cache_in, prev_codes, codes, cb, logn, ubar, cnt, C, scale):
+        """cache_in (B, H, S, Dv) and prev_codes (B, H, C): the incoming state's cache sums and previous
+        codes, only to route gradients to the state (their values are already in logn / ubar)."""
         B, T, H, Dk = q.shape
         Dv = v.shape[-1]
         R = logn.shape[1]
@@ -505,13 +513,17 @@ class _FusedVQAttention(torch.autograd.Function):
             T, koff, H, R, scale * LOG2E,
             HAS_BIAS=bias is not None, C=C, S=Sp, DK=Dk, DV=Dv, BM=bm, BN=BLK, PREC=prec,
             num_warps=CONFIG["fwd_warps"], num_stages=CONFIG["stages"])
-        ctx.save_for_backward(q, kx, vx, codes, cb, logn, ubar, cnt, bt, out, lse)
+        ctx.save_for_backward(q, kx, vx, codes, cb, logn, ubar, cnt, bt, out, lse, prev_codes, bias)
         ctx.meta = (C, scale, koff, bias is not None, bias.dtype if bias is not None else None)
+        ctx.state_dtypes = (None if prev_k is None else prev_k.dtype, None if prev_v is None else prev_v.dtype,
+                            None if cache_in is None else cache_in.dtype)
+        ctx.cache_codes = None if cache_in is None else cache_in.shape[2]
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, kx, vx, codes, cb, logn, ubar, cnt, bt, out, lse = ctx.saved_tensors
+        q, kx, vx, codes, cb, logn, ubar, cnt, bt, out, lse, prev_codes, bias = ctx.saved_tensors
+        want_prev_k, want_prev_v, want_cache = ctx.needs_input_grad[4:7]
         C, scale, koff, has_bias, bias_dtype = ctx.meta
         B, T, H, Dk = q.shape
         Dv = vx.shape[-1]
@@ -558,7 +570,22 @@ class _FusedVQAttention(torch.autograd.Function):
             T, H, R, scale * LOG2E,
             C=C, S=Sp, DK=Dk, DV=Dv, BS=BLK, BM=BLK, PREC=prec, num_warps=nw, num_stages=ns)
         blk = 1024
+        if want_prev_v or want_cache:  # dUbar[r] / N[r] of chunks 0 and 1, before the suffix scan overwrites them
+            first = du[:, :2] / cnt[:, :2, :, None].clamp(min=1)
         _bwd_cache_suffix_kernel[(Sp * Dv // blk, B * H)](du, cnt, R, S=Sp, DV=Dv, BLOCK=blk, num_warps=4)
+        g_prev_k = g_prev_v = g_cache = None
+        if want_prev_v or want_cache:
+            from_chunk1 = du[:, 0] + (first[:, 1] if R >= 2 else 0.0)  # sum_{r >= 1} dUbar[r] / N[r]
+            if want_cache:
+                g_cache = (from_chunk1 + first[:, 0]).view(B, H, Sp, Dv)[:, :, : ctx.cache_codes]
+                g_cache = g_cache.to(ctx.state_dtypes[2])
+            if want_prev_v:  # the previous chunk's values entered the caches of chunks 1, 2, ...
+                g_prev_v = from_chunk1.view(B, H, Sp, Dv).gather(2, prev_codes[..., None].expand(-1, -1, -1, Dv))
+        if want_prev_k or want_prev_v:
+            gk_w, gv_w = _previous_chunk_grads(q, kx[:, :C], vx[:, :C], do, lse, delta, bias, C, scale)
+            g_prev_k = gk_w.to(ctx.state_dtypes[0]) if want_prev_k else None
+            if want_prev_v:
+                g_prev_v = (gv_w + (g_prev_v if g_prev_v is not None else 0.0)).to(ctx.state_dtypes[1])
 
         gk = torch.empty(B, T, H, Dk, dtype=q.dtype, device=dev)
         gv = torch.empty(B, T, H, Dv, dtype=vx.dtype, device=dev)
@@ -573,7 +600,26 @@ class _FusedVQAttention(torch.autograd.Function):
             num_warps=nw, num_stages=ns)
 
         dbias_out = dbias.sum((0, 2)).to(bias_dtype) if has_bias else None
-        return (dq, gk, gv, dbias_out) + (None,) * 9
+        return (dq, gk, gv, dbias_out, g_prev_k, g_prev_v, g_cache) + (None,) * 8
+
+
+def _previous_chunk_grads(q, prev_k, prev_v, do, lse, delta, bias, C, scale):
+    """Gradients of the previous chunk's keys and values (B, H, C, D) through the exact window: chunk 0's
+    queries against the C previous keys, with the probabilities recomputed from the saved base-2 log-sum-exp
+    (fp32). prev_k, prev_v: (B, C, H, D) as prepended to the keys and values."""
+    B, T, H, Dk = q.shape
+    n = min(C, T)
+    f = torch.float32
+    q0 = q[:, :n].float().transpose(1, 2)  # (B, H, n, Dk)
+    kp, vp = prev_k.float().transpose(1, 2), prev_v.float().transpose(1, 2)  # (B, H, C, .)
+    do0 = do[:, :n].float().transpose(1, 2)
+    s = (q0 @ kp.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + local_bias(bias.detach(), C, f, q.device)[1][None, :, :n]
+    p = torch.exp2(s * LOG2E - lse.view(B, H, -1)[:, :, :n, None])
+    dp = do0 @ vp.transpose(-1, -2)
+    ds = p * (dp - delta.view(B, H, -1)[:, :, :n, None])
+    return (ds.transpose(-1, -2) @ q0) * scale, p.transpose(-1, -2) @ do0
 
 
 @torch.compiler.disable  # under torch.compile: an opaque call (Dynamo does not trace the Triton launches);
@@ -620,6 +666,7 @@ def fused_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codeb
     has_prev = state is not None and state.prev_k is not None
     out = _apply_fused(
         q, k_hat, v, bias, state.prev_k if has_prev else None, state.prev_v if has_prev else None,
+        state.cache_sum if state is not None else None, state.prev_codes if has_prev else None,
         codes, cb, logn, ubar, cnt, C, scale)
 
     new_state = None

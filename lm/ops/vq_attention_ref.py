@@ -35,11 +35,14 @@ from torch import Tensor
 
 @dataclass
 class VQAttentionState:
-    """What the chunked form carries between calls (per layer; all tensors detached).
+    """What the chunked form carries between calls (per layer).
 
     pos: tokens processed so far. The current chunk holds n = pos % C tokens (cur_*); prev_* is the
     last complete chunk (None before the first chunk completes); cache_* sums every older chunk.
     Memory is O(C (Dk + Dv) + S Dv) per head: constant in the sequence length.
+    A returned state is detached (streaming, decoding). An incoming state may carry autograd (sequence
+    parallelism builds it from other ranks' tensors): `chunked_vq_attention` then gives its prev_k,
+    prev_v and cache_sum the gradients the same tokens would get in one pass over the whole sequence.
     """
 
     pos: int
@@ -139,6 +142,21 @@ def dense_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codeb
 # --------------------------------------------------------------------------------------------
 # Chunked form
 # --------------------------------------------------------------------------------------------
+
+
+def code_statistics(codes: Tensor, values: Tensor, S: int) -> tuple[Tensor, Tensor]:
+    """Per-code counts and value sums over all positions: codes (B, T, H), values (B, T, H, Dv) ->
+    (count (B, H, S), sums (B, H, S, Dv)) in float32 at least, differentiable in `values`. A scatter-add:
+    memory O(B H S Dv), whatever T (the cache that one segment hands to the later ones)."""
+    B, T, H = codes.shape
+    Dv = values.shape[-1]
+    acc, dev = _acc_dtype(values), values.device
+    with torch.autocast(dev.type, enabled=False):
+        bh = (torch.arange(B, device=dev)[:, None, None] * H + torch.arange(H, device=dev)[None, None, :])
+        idx = (bh * S + codes).reshape(-1)
+        count = torch.zeros(B * H * S, dtype=acc, device=dev).index_add(0, idx, torch.ones(idx.numel(), dtype=acc, device=dev))
+        sums = torch.zeros(B * H * S, Dv, dtype=acc, device=dev).index_add(0, idx, values.reshape(-1, Dv).to(acc))
+    return count.view(B, H, S), sums.view(B, H, S, Dv)
 
 
 def _code_stats(codes: Tensor, values: Tensor, valid: Tensor, S: int) -> tuple[Tensor, Tensor]:

@@ -15,9 +15,9 @@ from torch import nn
 def _checkpointed(block: nn.Module, forward):
     quantizers = [m for m in block.modules() if hasattr(m, "stat_names")]
 
-    def wrapped(x, state=None, return_state: bool = False):
+    def wrapped(x, state=None, return_state: bool = False, **kwargs):
         if state is not None or return_state or not block.training:
-            return forward(x, state, return_state)
+            return forward(x, state, return_state, **kwargs)
         calls = []
 
         def run(inp):
@@ -25,7 +25,7 @@ def _checkpointed(block: nn.Module, forward):
             calls.append(1)
             saved = [(getattr(vq, n), getattr(vq, n).clone()) for vq in quantizers for n in vq.stat_names] if recompute else []
             try:
-                return forward(inp)
+                return forward(inp, **kwargs)
             finally:
                 for buf, copy in saved:
                     buf.copy_(copy)

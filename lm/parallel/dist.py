@@ -3,6 +3,7 @@ data-parallel all-reduce of codebook statistics (one bucketed collective per opt
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import socket
@@ -58,8 +59,10 @@ def shutdown_distributed() -> None:
 
 
 def all_reduce_codebook_stats(quantizers, group=None) -> None:
-    """Sum every layer's (count, sum) statistics over the data-parallel group in one collective;
-    pending key samples (first-batch initialisation, dead-code re-seeding) are taken from the group's first rank."""
+    """Sum every layer's statistics (counts, key sums, error sums) over the group of replicas in one
+    collective, in the statistics' own dtype; pending key samples (first-batch initialisation, dead-code
+    re-seeding) are taken from the group's first rank. The group is every rank that holds the same layers:
+    data parallel x sequence parallel (each SP rank saw its segment of the sequences)."""
     if not quantizers or not tdist.is_initialized() or tdist.get_world_size(group) == 1:
         return
     pending = [(vq, name) for vq in quantizers for name in ("init_keys", "reseed_keys") if getattr(vq, name, None) is not None]
@@ -72,8 +75,9 @@ def all_reduce_codebook_stats(quantizers, group=None) -> None:
             sample = getattr(vq, name)
             setattr(vq, name, flat[offset: offset + sample.numel()].view_as(sample))
             offset += sample.numel()
-    tensors = [t for vq in quantizers for t in (vq.stat_count, vq.stat_sum)]
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    tensors = [getattr(vq, name) for vq in quantizers for name in vq.stat_names]
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
     tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, group=group)
     offset = 0
     for t in tensors:

@@ -41,3 +41,20 @@ def test_fft_gradients_equal_recurrence_gradients():
         grads.append(torch.autograd.grad((fn() * up).sum(), params))
     for a, b in zip(*grads):
         assert_close(a, b, msg="grad")
+
+
+def test_blocked_final_state_and_state_contribution_equal_their_definitions():
+    """final_state and state_contribution work in blocks of ~sqrt(T) positions (no (D, N, T) tensor);
+    they equal the sums that define them, for lengths that are and are not whole blocks."""
+    torch.manual_seed(3)
+    ema = MultiDimEMA(dim=3, ndim=4).double()
+    pb, q = ema.coefficients()
+    gamma = ema.gamma * ema.scale
+    for T in (1, 2, 9, 10, 50):
+        x = torch.randn(2, 3, T, dtype=torch.float64)
+        h0 = torch.randn(2, 3, 4, dtype=torch.float64)
+        t = torch.arange(T, dtype=torch.float64)
+        powers = q[..., None] ** (T - 1 - t)  # (D, N, T)
+        assert_close(ema.final_state(x, pb, q), torch.einsum("dn,dnt,bdt->bdn", pb, powers, x), msg=f"h_T, T={T}")
+        contribution = torch.einsum("dn,dnt,bdn->bdt", gamma, q[..., None] ** (t + 1), h0)
+        assert_close(ema.state_contribution(h0, q, T), contribution, msg=f"state contribution, T={T}")

@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from lm.ops.vq_attention_ref import chunked_vq_attention
+from lm.ops.vq_attention_ref import VQAttentionState, chunked_vq_attention
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -190,3 +190,31 @@ def test_supports_and_fallback():
     # auto on aligned input runs the fused kernel and agrees with the reference
     out, _ = vq_attention(q, k_hat, v, codes, cb, chunk_size=64, bias=bias, impl="auto")
     assert rel(out, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("T", [64, 2 * 64 + 5, 3 * 64], ids=["one_chunk", "partial", "three_chunks"])
+def test_gradients_flow_into_an_incoming_state(T):
+    """Sequence parallelism hands the kernel a state built from other ranks' tensors: its previous chunk's
+    keys and values and its cached value sums get the reference's gradients (exact window, cache means)."""
+    B, H, Dk, Dv, S, C = 2, 2, 32, 16, 96, 64
+    q, k_hat, v, codes, cb, bias = make_inputs(B, T, H, Dk, Dv, S, C, torch.float32, True, seed=11)
+    g = torch.Generator(device=DEVICE).manual_seed(12)
+    prev_codes = torch.randint(0, S, (B, H, C), device=DEVICE, generator=g)
+    count = torch.randint(0, 4, (B, H, S), device=DEVICE, generator=g).float()
+    fields = dict(prev_k=cb[torch.arange(H, device=DEVICE)[None, :, None], prev_codes],
+                  prev_v=torch.randn(B, H, C, Dv, device=DEVICE, generator=g),
+                  cache_sum=torch.randn(B, H, S, Dv, device=DEVICE, generator=g) * count[..., None])
+    grad = torch.randn(B, T, H, Dv, device=DEVICE)
+    results = []
+    for fn in (chunked_vq_attention, fz.fused_vq_attention):
+        leaves = {k: t.detach().clone().requires_grad_() for k, t in fields.items()}
+        state = VQAttentionState(pos=5 * C, cur_k=q.new_zeros(B, H, 0, Dk), cur_v=v.new_zeros(B, H, 0, Dv),
+                                 cur_codes=codes.new_zeros(B, H, 0), prev_codes=prev_codes, cache_count=count,
+                                 **leaves)
+        got = run(fn, q, k_hat, v, codes, cb, bias, C, grad, state=state)
+        results.append(got + [leaves[k].grad for k in ("prev_k", "prev_v", "cache_sum")])
+    names = ["out", "dq", "dk", "dv", "dbias", "dprev_k", "dprev_v", "dcache_sum"]
+    for name, a, b in zip(names, results[1], results[0]):
+        assert a is not None and torch.isfinite(a).all(), name
+        err = rel(a, b)
+        assert err <= TOL[torch.float32], f"{name}: rel err {err:.2e}"
