@@ -70,6 +70,9 @@ class Trainer:
         init_distributed()
         self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.pp = cfg.parallel.pipeline_stages
+        if cfg.parallel.sequence_parallel > 1:
+            raise ConfigError("parallel.sequence_parallel > 1 is not supported by lm.train yet (the model and its "
+                              "exchanges are, lm.parallel.sequence): set parallel.sequence_parallel=1")
         if self.world % self.pp:
             raise ConfigError(f"parallel.pipeline_stages={self.pp} does not divide the {self.world} processes")
         self.ckpt_root = Path(cfg.train.run_dir) / "checkpoints"

@@ -102,6 +102,17 @@ def run_all(runs: list[SmokeRun], *, steps: int, parallel: int = 1, gpus: int = 
     pending = list(enumerate(runs))
     active: list = []
     next_gpu = 0
+    for i, run in list(pending):
+        cfg = load_config(run.recipe, overrides=list(run.overrides))
+        need = cfg.parallel.sequence_parallel * cfg.parallel.pipeline_stages
+        if need > run.world_size:  # not runnable at this size: say so instead of failing
+            pending.remove((i, run))
+            rows[i] = {"recipe": run.recipe, "world_size": run.world_size, "overrides": list(run.overrides),
+                       "data_override": False, "compile": cfg.train.compile, "zero_stage": cfg.parallel.zero_stage,
+                       "arch": cfg.model.arch, "tokens_per_s": None, "peak_mem_gib": None, "final_loss": None,
+                       "status": f"skipped: needs {need} processes (parallel.sequence_parallel x pipeline_stages)"}
+            if on_row is not None:
+                on_row(rows[i])
     while pending or active:
         while pending and len(active) < parallel:
             i, run = pending[0]
