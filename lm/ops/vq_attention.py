@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from lm.ops.vq_attention_ref import (
@@ -54,6 +55,11 @@ def resolve_impl(impl: str, q: Tensor, v: Tensor, chunk_size: int, state=None) -
     return choice
 
 
+@torch.compiler.disable
+def _chunked_uncompiled(*args, **kwargs):
+    return chunked_vq_attention(*args, **kwargs)
+
+
 def vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codebook: Tensor, *, chunk_size: int,
                  bias: Optional[Tensor] = None, scale: Optional[float] = None, state=None,
                  return_state: bool = False, impl: str = "auto"):
@@ -62,6 +68,8 @@ def vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codebook: T
     if impl == "dense":
         return dense_vq_attention(q, k_hat, v, codes, codebook, **kwargs)
     if impl == "chunked":
+        if q.is_cuda:  # inductor's CUDA code generation fails on this graph (a sympy "'-((0))' is not
+            return _chunked_uncompiled(q, k_hat, v, codes, codebook, **kwargs)  # comparable" error): run it eager
         return chunked_vq_attention(q, k_hat, v, codes, codebook, **kwargs)
     fused = _fused_module()
     if fused is None:

@@ -70,8 +70,10 @@ def main(argv=None) -> int:
     for v in VARIANTS:
         cmd = [sys.executable, __file__, "--variant", v] + (["--aligned"] if args.aligned else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        err = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "Error" in ln or "error" in ln]
-        print(f"{v}: {'ok' if proc.returncode == 0 else 'failed: ' + (err[-1] if err else str(proc.returncode))}", flush=True)
+        lines = (proc.stdout + proc.stderr).splitlines()
+        err = ([ln for ln in lines if "misaligned address" in ln] or [ln for ln in lines if "CUDA error" in ln]
+               or [ln for ln in lines if "Error" in ln])
+        print(f"{v}: {'ok' if proc.returncode == 0 else 'failed: ' + (err[0] if err else str(proc.returncode))}", flush=True)
         failed += proc.returncode != 0
     return 1 if failed else 0
 
