@@ -4,8 +4,15 @@ Precedence: dataclass defaults < YAML files (left to right, each may name `_base
 extends) < `key.path=value` overrides. Unknown keys and values of the wrong type fail before
 anything starts, with a message naming the key and, for typos, the closest valid key.
 
-Each component receives only its own slice: `build_model(cfg.model)`, `build_loader(cfg.data,
-...)`, `build_optimizer(params, cfg.optim)`. Only `lm.train` sees the whole `RunConfig`.
+Each component receives only its own slice: `lm.model.build_model(cfg.model)`, `lm.data.streams.load_stream(
+cfg.data, split)`, `lm.optim.build_optimizer(model, cfg.optim)`. Only `lm.train` sees the whole `RunConfig`.
+
+Derived sizes (`model.ffn_dim`, `model.longvq.hidden_dim`) are resolved once, when a `ModelConfig` is built:
+a value left null takes the architecture's default, so the resolved config (what `dump_config` writes into
+run directories and checkpoints) always holds the sizes the model was built with, and a file written with
+`null` loads to the same config as one written with the resolved value. Each architecture's config class
+(`LongVQConfig`, `TransformerConfig`) owns its own rules: defaults, validation, attention shape and the
+FLOP and activation accounting (`ModelConfig.mixer` is the one of `model.arch`).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
@@ -33,7 +40,7 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True)
 class LongVQConfig:
-    """The LongVQ token mixer (research/longvq_algorithm.md §A.3 and §B)."""
+    """The LongVQ token mixer: block equations, attention rule and codebook learning in docs/model.md."""
 
     attention_impl: Literal["dense", "chunked", "fused", "auto"] = "auto"
     """dense = O(T^2) oracle; chunked = pure PyTorch O(T(C+S)); fused = GPU kernel; auto picks."""
@@ -49,7 +56,7 @@ class LongVQConfig:
     z_dim: int = 64
     """d_z: width of the shared query/key representation z (split over heads)."""
     hidden_dim: Optional[int] = None
-    """E: value / reset-gate width; default 2 * d_model."""
+    """E: value / reset-gate width; null = 2 * model.d_model (resolved when the model config is built)."""
     ema_dim: int = 16
     """N: dimensions of the multi-dimensional damped EMA per channel."""
     commit_beta: float = 1e-4
@@ -76,21 +83,82 @@ class LongVQConfig:
     per-head mean over the head dim first (LayerNorm without gain), removing the common-mode direction that
     mostly-positive SiLU(z) gives all keys."""
     query_norm: bool = False
-    """Also RMS-normalise q per head (no gain), as Transformer-VQ does (research/longvq_algorithm.md §A.3)."""
+    """Also RMS-normalise q per head (no gain), as Transformer-VQ does."""
     query_temperature: bool = False
     """Learn a log-scale per head on the queries (init 0: the fixed 1/sqrt(d) scale). With RMS-normalised
     queries and keys the logits q.k/sqrt(d) are otherwise bounded by sqrt(d) (8 at head dim 64), so a query
     cannot single out one key among hundreds; this is QK-norm's learnable gain."""
     local_raw_keys: bool = False
     """Own and previous chunk attend with the exact (normalised, unquantised) keys; only the code cache
-    uses codewords (research/longvq_algorithm.md §E-2). Still linear time; default off (Transformer-VQ:
-    quantised everywhere)."""
+    uses codewords (docs/model.md). Still linear time; default off (Transformer-VQ: quantised everywhere)."""
     residual: Literal["gated", "add"] = "gated"
     """gated: MEGA's out = x + u * (h - x) (the update gate interpolates, so every layer scales the residual
     stream by 1 - u, about 0.5 at init: 0.5^12 through 12 layers). add: out = x + u * h, a plain pre-norm
     residual whose branch is gated by u; the identity path keeps weight 1 at any depth."""
     attention_dropout: float = 0.0
+    """Dropout on the attention output (before the reset gate r). None of the attention implementations drops
+    attention probabilities (the fused kernel has no dropout), so this is where attention is regularised."""
     hidden_dropout: float = 0.0
+    """Dropout on the EMA output SiLU(EMA(x)) before the shared projection (MEGA's hidden dropout)."""
+
+    ffn_kind: ClassVar[str] = "silu"
+    """The FFN of a LongVQ block: MEGA's normalised FFN, W2 SiLU(W1 RMSNorm(x))."""
+    FLOPS_FORMULA: ClassVar[str] = (
+        "6*N + 6*L*H*K*(dk+dv), K = mean over positions of own-chunk (i mod C)+1 + previous chunk C "
+        "(i >= C) + codebook S (i >= 2C) (~= (C+1)/2 + C + S)")
+
+    def resolved(self, d_model: int) -> LongVQConfig:
+        """This config with its derived sizes filled in (hidden_dim: 2 * d_model, MEGA's E); itself when set."""
+        return self if self.hidden_dim is not None else dataclasses.replace(self, hidden_dim=2 * d_model)
+
+    @staticmethod
+    def default_ffn_dim(d_model: int) -> int:
+        """model.ffn_dim when null: 2 * d_model (MEGA)."""
+        return 2 * d_model
+
+    def head_dims(self, d_model: int) -> tuple[int, int, int]:
+        """(heads, dk, dv): keys are z split over the heads, values the hidden width E split over them."""
+        H = self.n_heads
+        return H, self.z_dim // H, self.resolved(d_model).hidden_dim // H
+
+    def mean_keys_per_query(self, context: int) -> float:
+        """K: keys and codewords one query scores, averaged over positions 0..context-1: its own chunk up to
+        itself, the whole previous chunk (from the second chunk on) and the S codewords (from the third)."""
+        T, C, S = context, self.chunk_size, self.codebook_size
+        full, rem = divmod(T, C)
+        own = full * C * (C + 1) / 2 + rem * (rem + 1) / 2  # sum over i of (i mod C) + 1
+        prev = C * max(0, T - C)
+        cache = S * max(0, T - 2 * C)
+        return (own + prev + cache) / T
+
+    def attention_activation_bytes(self, tokens: int, d_model: int) -> float:
+        """Attention activations per layer beyond the Megatron estimate: the fp32 joint scores (2C + S per query)."""
+        return tokens * self.n_heads * (2 * self.chunk_size + self.codebook_size) * 4
+
+    def validate(self, d_model: int) -> None:
+        _check(self.chunk_size >= 1, "model.longvq.chunk_size must be >= 1")
+        _check(self.codebook_size >= 2, "model.longvq.codebook_size must be >= 2")
+        _check(self.z_dim % self.n_heads == 0,
+               f"model.longvq.z_dim={self.z_dim} must be divisible by model.longvq.n_heads={self.n_heads}")
+        hidden = self.resolved(d_model).hidden_dim
+        _check(hidden % self.n_heads == 0,
+               f"model.longvq.hidden_dim={hidden} must be divisible by model.longvq.n_heads={self.n_heads}")
+        _check(0.0 < self.codebook_decay < 1.0, "model.longvq.codebook_decay must be in (0, 1)")
+        for key in ("attention_dropout", "hidden_dropout"):
+            _check(0.0 <= getattr(self, key) < 1.0, f"model.longvq.{key} must be in [0, 1)")
+
+    def validate_sequence_parallel(self, sp: int, seq_len: int) -> None:
+        """Segments of seq_len / sp tokens hold whole chunks; the dense oracle keeps no constant-size state."""
+        C, seq = self.chunk_size, seq_len
+        _check(sp <= seq // C,
+               f"parallel.sequence_parallel={sp} is larger than the {seq // C} chunks of a sequence (data.seq_len="
+               f"{seq} / model.longvq.chunk_size={C}): every rank needs at least one chunk")
+        _check(seq % sp == 0 and (seq // sp) % C == 0,
+               f"the segment length data.seq_len / parallel.sequence_parallel = {seq} / {sp} must be a multiple of "
+               f"model.longvq.chunk_size={C}: segments hold whole chunks")
+        _check(self.attention_impl != "dense",
+               "model.longvq.attention_impl=dense cannot run with parallel.sequence_parallel > 1 (the dense oracle "
+               "keeps the whole history, not a constant-size state): use chunked, fused or auto")
 
 
 @dataclass(kw_only=True)
@@ -102,6 +170,46 @@ class TransformerConfig:
     attn_backend: Literal["auto", "flash_attn", "cudnn", "flash", "efficient", "math"] = "auto"
     """auto: flash-attn package if installed, else SDPA cuDNN, then flash (GPU) / flash, math (CPU)."""
 
+    ffn_kind: ClassVar[str] = "swiglu"
+    """The FFN of a Transformer block: SwiGLU."""
+    FLOPS_FORMULA: ClassVar[str] = "6*N + 6*L*H*K*(dk+dv), K = (T+1)/2 causal keys per query (~= 6*N + 6*L*d*T)"
+
+    @staticmethod
+    def default_ffn_dim(d_model: int) -> int:
+        """model.ffn_dim when null: 8/3 * d_model (SwiGLU's usual width), rounded down."""
+        return int(8 * d_model / 3)
+
+    def head_dims(self, d_model: int) -> tuple[int, int, int]:
+        """(heads, dk, dv): d_model split over the heads."""
+        H = self.n_heads
+        return H, d_model // H, d_model // H
+
+    @staticmethod
+    def mean_keys_per_query(context: int) -> float:
+        """K: causal keys per query averaged over positions 0..context-1."""
+        return (context + 1) / 2
+
+    @staticmethod
+    def attention_activation_bytes(tokens: int, d_model: int) -> float:
+        """Attention activations per layer beyond the Megatron estimate: flash/cuDNN keep O(T) statistics only."""
+        return tokens * d_model * 4
+
+    def validate(self, d_model: int) -> None:
+        _check(d_model % self.n_heads == 0,
+               f"model.d_model={d_model} must be divisible by model.transformer.n_heads={self.n_heads}")
+        _check((d_model // self.n_heads) % 2 == 0, "RoPE needs an even head dim: change model.transformer.n_heads")
+
+    def validate_sequence_parallel(self, sp: int, seq_len: int) -> None:
+        """Ulysses: every rank holds seq_len / sp tokens, then whole heads."""
+        _check(seq_len % sp == 0, f"data.seq_len={seq_len} must be divisible by parallel.sequence_parallel={sp}")
+        _check(self.n_heads % sp == 0,
+               f"model.transformer.n_heads={self.n_heads} must be divisible by parallel.sequence_parallel="
+               f"{sp}: Ulysses gives each rank whole heads")
+
+
+ARCH_CONFIGS = {"longvq": LongVQConfig, "transformer": TransformerConfig}
+"""model.arch -> the config class of its token mixer; each arch is also the ModelConfig field holding it."""
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -110,7 +218,8 @@ class ModelConfig:
     d_model: int = 128
     n_layers: int = 4
     ffn_dim: Optional[int] = None
-    """FFN hidden width; default 2 * d_model for LongVQ's NFFN, 8/3 * d_model for SwiGLU."""
+    """FFN hidden width; null = the architecture's default (2 * d_model for LongVQ's NFFN, 8/3 * d_model for
+    SwiGLU), resolved when the config is built."""
     dropout: float = 0.0
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
@@ -118,13 +227,44 @@ class ModelConfig:
     longvq: LongVQConfig = field(default_factory=LongVQConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
 
+    def __post_init__(self) -> None:
+        """Resolve the derived sizes once (see the module docstring): after this, no size is null."""
+        if self.arch not in ARCH_CONFIGS:
+            raise ConfigError(f"model.arch: {self.arch!r} is not one of {', '.join(map(repr, ARCH_CONFIGS))}")
+        self.longvq = self.longvq.resolved(self.d_model)
+        if self.ffn_dim is None:
+            self.ffn_dim = self.mixer.default_ffn_dim(self.d_model)
+
+    @property
+    def mixer(self) -> LongVQConfig | TransformerConfig:
+        """The config of the token mixer `arch` selects (its FLOP accounting, validation and FFN kind)."""
+        return getattr(self, self.arch)
+
+    def head_dims(self) -> tuple[int, int, int]:
+        """(heads, dk, dv) of the attention."""
+        return self.mixer.head_dims(self.d_model)
+
+    def flops_per_token(self, n_params: int, context: int) -> float:
+        """Training FLOPs (forward + backward) per token at `context` tokens (the formula: mixer.FLOPS_FORMULA).
+        N = all parameters (the tied embedding once, so the LM head matmul is included); attention: 2 FLOPs per
+        key for q.k and 2 for p.v, x3 for forward + backward. Not counted: norms, activations, softmax, RoPE,
+        key quantisation distances, the EMA and the codebook update."""
+        H, dk, dv = self.head_dims()
+        return 6.0 * n_params + 6.0 * self.n_layers * H * self.mixer.mean_keys_per_query(context) * (dk + dv)
+
+    def validate(self) -> None:
+        _check(self.d_model > 0 and self.n_layers > 0 and self.vocab_size > 1,
+               "model.d_model/n_layers/vocab_size must be positive")
+        _check(self.ffn_dim > 0, f"model.ffn_dim must be positive (or null for the default), got {self.ffn_dim}")
+        self.mixer.validate(self.d_model)
+
 
 @dataclass(kw_only=True)
 class DataConfig:
     dataset: Literal["stdlib", "enwik8", "wikitext103", "tokens"] = "stdlib"
     """stdlib = built-in offline corpus: this Python's standard-library sources, byte level."""
     data_path: Optional[str] = None
-    """Local file or folder for datasets that need one (see evals/README)."""
+    """Local file or folder for datasets that need one (docs/data.md says what each dataset expects)."""
     cache_dir: str = "~/.cache/longvq"
     """Where prepared token arrays are cached."""
     tokenizer: str = "byte"
@@ -215,19 +355,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Cross-field checks; every message names the key to change."""
-        m, lv = self.model, self.model.longvq
-        _check(m.d_model > 0 and m.n_layers > 0 and m.vocab_size > 1, "model.d_model/n_layers/vocab_size must be positive")
-        if m.arch == "transformer":
-            _check(m.d_model % m.transformer.n_heads == 0,
-                   f"model.d_model={m.d_model} must be divisible by model.transformer.n_heads={m.transformer.n_heads}")
-            _check((m.d_model // m.transformer.n_heads) % 2 == 0, "RoPE needs an even head dim: change model.transformer.n_heads")
-        else:
-            _check(lv.chunk_size >= 1, "model.longvq.chunk_size must be >= 1")
-            _check(lv.codebook_size >= 2, "model.longvq.codebook_size must be >= 2")
-            _check(lv.z_dim % lv.n_heads == 0, f"model.longvq.z_dim={lv.z_dim} must be divisible by model.longvq.n_heads={lv.n_heads}")
-            hidden = lv.hidden_dim or 2 * m.d_model
-            _check(hidden % lv.n_heads == 0, f"model.longvq.hidden_dim={hidden} must be divisible by model.longvq.n_heads={lv.n_heads}")
-            _check(0.0 < lv.codebook_decay < 1.0, "model.longvq.codebook_decay must be in (0, 1)")
+        self.model.validate()
         _check(self.data.seq_len >= 1, "data.seq_len must be >= 1")
         _check(self.train.micro_batch_size >= 1 and self.train.grad_accum_steps >= 1,
                "train.micro_batch_size and train.grad_accum_steps must be >= 1")
@@ -252,29 +380,14 @@ class RunConfig:
         self._validate_sequence_parallel()
 
     def _validate_sequence_parallel(self) -> None:
-        sp, m, seq = self.parallel.sequence_parallel, self.model, self.data.seq_len
+        sp = self.parallel.sequence_parallel
         _check(sp >= 1, f"parallel.sequence_parallel must be >= 1, got {sp}")
         if sp == 1:
             return
         _check(self.parallel.pipeline_stages == 1,
                f"parallel.sequence_parallel={sp} works with parallel.pipeline_stages=1 only (got "
                f"{self.parallel.pipeline_stages}): use sequence parallelism or pipeline stages, not both")
-        if m.arch == "transformer":
-            _check(seq % sp == 0, f"data.seq_len={seq} must be divisible by parallel.sequence_parallel={sp}")
-            _check(m.transformer.n_heads % sp == 0,
-                   f"model.transformer.n_heads={m.transformer.n_heads} must be divisible by parallel.sequence_parallel="
-                   f"{sp}: Ulysses gives each rank whole heads")
-            return
-        C = m.longvq.chunk_size
-        _check(sp <= seq // C,
-               f"parallel.sequence_parallel={sp} is larger than the {seq // C} chunks of a sequence (data.seq_len="
-               f"{seq} / model.longvq.chunk_size={C}): every rank needs at least one chunk")
-        _check(seq % sp == 0 and (seq // sp) % C == 0,
-               f"the segment length data.seq_len / parallel.sequence_parallel = {seq} / {sp} must be a multiple of "
-               f"model.longvq.chunk_size={C}: segments hold whole chunks")
-        _check(m.longvq.attention_impl != "dense",
-               "model.longvq.attention_impl=dense cannot run with parallel.sequence_parallel > 1 (the dense oracle "
-               "keeps the whole history, not a constant-size state): use chunked, fused or auto")
+        self.model.mixer.validate_sequence_parallel(sp, self.data.seq_len)
 
 
 def _check(ok: bool, message: str) -> None:

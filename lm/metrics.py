@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from lm.config import ARCH_CONFIGS, ModelConfig
+
 log = logging.getLogger("lm.train")
 
 
@@ -19,44 +21,24 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def mean_keys_per_query(cfg, context: int) -> float:
-    """K: keys (or codewords) one query attends to, averaged over positions 0..context-1."""
-    T = context
-    if cfg.arch == "transformer":
-        return (T + 1) / 2
-    C, S = cfg.longvq.chunk_size, cfg.longvq.codebook_size
-    full, rem = divmod(T, C)
-    own = full * C * (C + 1) / 2 + rem * (rem + 1) / 2  # sum over i of (i mod C) + 1
-    prev = C * max(0, T - C)
-    cache = S * max(0, T - 2 * C)
-    return (own + prev + cache) / T
+def mean_keys_per_query(cfg: ModelConfig, context: int) -> float:
+    """K: keys (or codewords) one query attends to, averaged over positions 0..context-1 (the arch's own rule)."""
+    return cfg.mixer.mean_keys_per_query(context)
 
 
-def head_dims(cfg) -> tuple[int, int, int]:
+def head_dims(cfg: ModelConfig) -> tuple[int, int, int]:
     """(heads, dk, dv) of the attention."""
-    if cfg.arch == "transformer":
-        H = cfg.transformer.n_heads
-        return H, cfg.d_model // H, cfg.d_model // H
-    lv = cfg.longvq
-    H = lv.n_heads
-    return H, lv.z_dim // H, (lv.hidden_dim or 2 * cfg.d_model) // H
+    return cfg.head_dims()
 
 
-FLOPS_FORMULA = {
-    "transformer": "6*N + 6*L*H*K*(dk+dv), K = (T+1)/2 causal keys per query (~= 6*N + 6*L*d*T)",
-    "longvq": "6*N + 6*L*H*K*(dk+dv), K = mean over positions of own-chunk (i mod C)+1 + previous chunk C "
-              "(i >= C) + codebook S (i >= 2C) (~= (C+1)/2 + C + S)",
-}
+FLOPS_FORMULA = {arch: cls.FLOPS_FORMULA for arch, cls in ARCH_CONFIGS.items()}
+"""The declared FLOPs-per-token formula of each arch (its config class's FLOPS_FORMULA)."""
 
 
-def flops_per_token(cfg, n_params: int, context: int) -> float:
-    """Training FLOPs (forward + backward) per token; one declared formula per arch (FLOPS_FORMULA),
-    shared by the trainer's MFU and evals/throughput.py. N = all parameters (tied embedding once, so
-    the LM head matmul is included); attention: 2 FLOPs per key for q.k and 2 for p.v, x3 for
-    forward + backward. Not counted: norms, activations, softmax, RoPE, key quantisation distances,
-    the EMA's FFT convolution and the codebook update."""
-    H, dk, dv = head_dims(cfg)
-    return 6.0 * n_params + 6.0 * cfg.n_layers * H * mean_keys_per_query(cfg, context) * (dk + dv)
+def flops_per_token(cfg: ModelConfig, n_params: int, context: int) -> float:
+    """Training FLOPs (forward + backward) per token (ModelConfig.flops_per_token; one declared formula per
+    arch, FLOPS_FORMULA), shared by the trainer's MFU and the throughput benchmark."""
+    return cfg.flops_per_token(n_params, context)
 
 
 def capture_attention_inputs(model, tokens) -> list[tuple[int, int, dict]]:

@@ -60,3 +60,57 @@ def test_every_recipe_loads():
     assert recipes
     for path in recipes:
         load_config(path)
+
+
+def test_derived_sizes_are_resolved_once_and_written_resolved(tmp_path):
+    """ffn_dim and longvq.hidden_dim left null take the arch's default when the config is built; the dumped
+    config holds the numbers, and an explicit value is kept."""
+    cfg = load_config(write(tmp_path / "a.yaml", {"model": {"d_model": 48}}))
+    assert (cfg.model.ffn_dim, cfg.model.longvq.hidden_dim) == (96, 96)
+    tf = load_config(write(tmp_path / "t.yaml", {"model": {"arch": "transformer", "d_model": 48}}))
+    assert tf.model.ffn_dim == 128  # SwiGLU: 8/3 d
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    written = yaml.safe_load((tmp_path / "resolved.yaml").read_text())["model"]
+    assert (written["ffn_dim"], written["longvq"]["hidden_dim"]) == (96, 96)
+    explicit = load_config(tmp_path / "a.yaml", overrides=["model.ffn_dim=40", "model.longvq.hidden_dim=64"])
+    assert (explicit.model.ffn_dim, explicit.model.longvq.hidden_dim) == (40, 64)
+
+
+def test_a_config_saved_with_null_sizes_equals_the_resolved_one(tmp_path):
+    """Checkpoints written before the sizes were resolved hold `null`; they must load to the resolved config
+    and pass the key-by-key compatibility check against a run that states the same sizes (or leaves them null)."""
+    from lm.checkpoint import CheckpointError, check_compatible
+
+    cfg = load_config(ROOT / "launch/configs/quickstart.yaml")
+    old = to_dict(cfg)
+    old["model"]["ffn_dim"] = None
+    old["model"]["longvq"]["hidden_dim"] = None
+    saved = config_from_dict(yaml.safe_load(yaml.safe_dump(old)))
+    assert to_dict(saved) == to_dict(cfg)
+    check_compatible(saved, cfg, tmp_path)
+    stated = load_config(ROOT / "launch/configs/quickstart.yaml",
+                         overrides=[f"model.ffn_dim={2 * cfg.model.d_model}", f"model.longvq.hidden_dim={2 * cfg.model.d_model}"])
+    check_compatible(saved, stated, tmp_path)
+    other = load_config(ROOT / "launch/configs/quickstart.yaml", overrides=[f"model.ffn_dim={cfg.model.d_model}"])
+    with pytest.raises(CheckpointError, match="model.ffn_dim"):
+        check_compatible(saved, other, tmp_path)
+
+
+def test_each_arch_owns_its_accounting():
+    """The model config delegates shape, FLOPs and validation to the config of `arch` (one class per arch)."""
+    from lm.config import ARCH_CONFIGS, ModelConfig
+    from lm.metrics import FLOPS_FORMULA
+
+    assert set(FLOPS_FORMULA) == set(ARCH_CONFIGS) == {"longvq", "transformer"}
+    for arch, cls in ARCH_CONFIGS.items():
+        m = ModelConfig(arch=arch, d_model=64, n_layers=2)
+        assert isinstance(m.mixer, cls) and FLOPS_FORMULA[arch] == cls.FLOPS_FORMULA
+        H, dk, dv = m.head_dims()
+        K = m.mixer.mean_keys_per_query(256)
+        assert m.flops_per_token(1000, 256) == pytest.approx(6000 + 6 * 2 * H * K * (dk + dv))
+    lv = ModelConfig(arch="longvq", d_model=64)
+    lv.longvq.n_heads = 3  # 128 = hidden_dim is not divisible by 3
+    with pytest.raises(ConfigError, match="model.longvq.z_dim=64 must be divisible"):
+        lv.validate()
+    with pytest.raises(ConfigError, match="model.arch"):
+        ModelConfig(arch="mamba")

@@ -44,9 +44,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.mixer = MIXERS[cfg.arch](cfg)
-        ffn_dim = cfg.ffn_dim or (2 * cfg.d_model if cfg.arch == "longvq" else int(8 * cfg.d_model / 3))
-        kind = "silu" if cfg.arch == "longvq" else "swiglu"
-        self.ffn = FeedForward(cfg.d_model, ffn_dim, kind, cfg.norm_eps, cfg.dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.mixer.ffn_kind, cfg.norm_eps, cfg.dropout)
 
     def forward(self, x: Tensor, state=None, return_state: bool = False, sp=None):
         x, state, aux, metrics = self.mixer(x, state, return_state, sp=sp)

@@ -43,7 +43,7 @@ class LongVQMixer(nn.Module):
         lv = cfg.longvq
         D = cfg.d_model
         self.d_model, self.z_dim = D, lv.z_dim
-        self.hidden = lv.hidden_dim or 2 * D
+        self.hidden = lv.hidden_dim  # resolved by ModelConfig (2 * d_model when null)
         self.n_heads, self.chunk_size = lv.n_heads, lv.chunk_size
         self.impl, self.normalize_keys, self.commit_beta = lv.attention_impl, lv.normalize_keys, lv.commit_beta
         self.key_norm, self.query_norm, self.local_raw_keys = lv.key_norm, lv.query_norm, lv.local_raw_keys

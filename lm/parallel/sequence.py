@@ -293,7 +293,7 @@ def exchange_bytes(model_cfg, micro_batch: int, sequence_parallel: int, seq_len:
     else:
         lv = m.longvq
         H, C, S = lv.n_heads, lv.chunk_size, lv.codebook_size
-        dk, dv = lv.z_dim // H, (lv.hidden_dim or 2 * m.d_model) // H
+        _, dk, dv = m.head_dims()
         parts = {"ema_state": 2 * B * m.d_model * lv.ema_dim * state,
                  "code_cache": 2 * B * H * S * (1 + dv) * state,
                  "previous_chunk": B * H * C * ((dk + dv) * act + 8) + B * H * C * (dk + dv) * act}

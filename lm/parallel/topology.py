@@ -75,11 +75,7 @@ def memory_estimate_gib(cfg: RunConfig, world: int, n_params: int, bf16: bool = 
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len // sp
     layers = m.n_layers / pp
     act_per_layer = tokens * m.d_model * 34 * w_bytes / 2  # Megatron's 34*s*b*h (bf16), no attention scores
-    if m.arch == "longvq":
-        lv = m.longvq
-        act_per_layer += tokens * lv.n_heads * (2 * lv.chunk_size + lv.codebook_size) * 4  # fp32 joint scores
-    else:
-        act_per_layer += tokens * m.d_model * 4  # flash/cuDNN attention keeps O(T) statistics only
+    act_per_layer += m.mixer.attention_activation_bytes(tokens, m.d_model)
     acts = act_per_layer * (1 if cfg.parallel.activation_checkpointing else layers)
     if cfg.parallel.activation_checkpointing:
         acts += tokens * m.d_model * w_bytes * layers
