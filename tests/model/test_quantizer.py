@@ -39,6 +39,23 @@ def test_ema_update_moves_codes_to_assigned_means_and_resets_stats():
         torch.testing.assert_close(vq.codebook[0, s], expected[0] if expected.ndim > 1 else expected)
 
 
+def test_ema_update_weighs_old_codebook_by_decay_and_new_statistics_by_one_minus_decay():
+    """c_sum <- g c_sum + (1 - g) sum_k, c_count <- g c_count + (1 - g) n with g = 0.9, on numbers worked by hand
+    (at g = 0.5 the two weights are equal and a swap would go unnoticed)."""
+    vq = VectorQuantizer(n_heads=1, codebook_size=2, dim=1, decay=0.9, dead_code_threshold=0.0).train()
+    with torch.no_grad():
+        vq.c_sum.copy_(torch.tensor([[[1.0], [-1.0]]]))  # codebook (1, -1), counts 1
+        vq.c_count.fill_(1.0)
+    _, codes, _, _ = vq(torch.tensor([2.0, 4.0, -3.0]).view(1, 3, 1, 1))
+    assert codes.view(-1).tolist() == [0, 0, 1]
+    vq.apply_update()
+    # code 0: keys 2 and 4 -> c_sum 0.9 * 1 + 0.1 * 6 = 1.5, c_count 0.9 * 1 + 0.1 * 2 = 1.1
+    # code 1: key -3      -> c_sum 0.9 * -1 + 0.1 * -3 = -1.2, c_count 0.9 * 1 + 0.1 * 1 = 1.0
+    torch.testing.assert_close(vq.c_sum.view(-1), torch.tensor([1.5, -1.2]))
+    torch.testing.assert_close(vq.c_count.view(-1), torch.tensor([1.1, 1.0]))
+    torch.testing.assert_close(vq.codebook.view(-1), torch.tensor([1.5 / 1.1, -1.2]))
+
+
 def test_eval_forward_does_not_accumulate():
     vq = VectorQuantizer(1, 4, 2).eval()
     vq(torch.randn(1, 5, 1, 2))
