@@ -1,7 +1,7 @@
 """Multi-dimensional damped EMA (MEGA's SSM): a chunked scan or an FFT convolution for training, the recurrence
 for decoding.
 
-Per channel d and EMA dimension n (research/longvq_algorithm.md §A.2.3):
+Per channel d and EMA dimension n (docs/model.md):
     p = sigmoid(delta), a = sigmoid(alpha), q = 1 - p * a
     h_t[d, n] = p * beta * x_t[d] + q * h_{t-1}[d, n]
     y_t[d]    = sqrt(1/N) * sum_n gamma[d, n] * h_t[d, n] + omega[d] * x_t[d]

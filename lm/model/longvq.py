@@ -1,16 +1,16 @@
 """LongVQ token mixer: MEGA's gated EMA block with its attention replaced by causal chunked VQ attention.
 
-research/longvq_algorithm.md §A.3. With x the residual stream (B, T, D):
+docs/model.md describes the block, the attention rule and the codebook. With x the residual stream (B, T, D):
     xn = RMSNorm(x)
     v  = SiLU(xn W_v)                                    value branch (B, T, E)
-    m  = SiLU(EMA(xn))                                   damped multi-dimensional EMA (the SSM)
+    m  = Dropout(SiLU(EMA(xn)))                          damped multi-dimensional EMA (the SSM; hidden_dropout)
     u, z, r, hx = split(m W_mx)                          u = sigmoid (update gate), z, r = SiLU
     q = kappa_q * z + mu_q;  k = RMSNorm_nogain(kappa_k * z + mu_k)   per head
         (options: key_norm=center_rms subtracts the per-head mean of k first; query_norm RMS-normalises q too;
          query_temperature multiplies q by a learned exp(s_h) per head;
          local_raw_keys gives the attention k instead of k_hat: exact keys locally, codewords in the cache)
     k_hat, codes = VQ(k)                                 straight-through, per-layer codebook
-    a = vq_attention(q, k_hat, v, ...)                   causal chunked VQ attention (§B)
+    a = Dropout(vq_attention(q, k_hat, v, ...))          causal chunked VQ attention (attention_dropout)
     h = SiLU(hx + (a * r) W_h)
     out = x + u * (h - x)                                gated residual (residual=add: out = x + u * h)
 """
@@ -64,6 +64,7 @@ class LongVQMixer(nn.Module):
                                          dead_code_reseed=lv.dead_code_reseed, impl=lv.quantizer_impl)
         self.h_proj = nn.Linear(self.hidden, D)
         self.hidden_dropout = nn.Dropout(lv.hidden_dropout)
+        self.attention_dropout = nn.Dropout(lv.attention_dropout)
         self.dropout = nn.Dropout(cfg.dropout)
         self.capture = False  # True: keep the attention inputs of the next forward in self.captured (diagnostics)
 
@@ -112,7 +113,7 @@ class LongVQMixer(nn.Module):
         if self.capture:  # lm.ops.vq_diagnostics.attention_mass_split(**self.captured, chunk_size=C)
             self.captured = dict(q=q.detach(), k_hat=keys.detach(), v=v.view(B, T, H, E // H).detach(), codes=codes,
                                  codebook=self.quantizer.codebook.to(q.dtype), bias=self.bias.detach())
-        h = F.silu(hx + self.h_proj(attn.reshape(B, T, E) * r))
+        h = F.silu(hx + self.h_proj(self.attention_dropout(attn.reshape(B, T, E)) * r))
         h = self.dropout(h)
         out = x + u * h if self.residual == "add" else x + u * (h - x)
         new_state = LongVQState(ema_state, attn_state) if return_state else None

@@ -1,9 +1,9 @@
 """Per-layer key codebook: nearest-code assignment, straight-through estimator, EMA k-means updates.
 
-The codebook is c_sum / c_count (buffers, never optimizer parameters, research/longvq_algorithm.md
-§C). Training forwards accumulate per-code statistics (counts and key sums) in `stat_count` and
-`stat_sum`; the trainer sums them over data-parallel ranks and calls `apply_update()` once per
-optimizer step, so gradient accumulation and any number of replicas give the same codebook.
+The codebook is c_sum / c_count (buffers, never optimizer parameters; docs/model.md, "Codebook learning").
+Training forwards accumulate per-code statistics (counts and key sums) in `stat_count` and `stat_sum`; the
+trainer sums them over data-parallel ranks and calls `apply_update()` once per optimizer step, so gradient
+accumulation and any number of replicas give the same codebook.
 
 The update reads nothing back from the device (no host synchronisation): which step has statistics is known on
 the host (a training forward ran since the last reset), the update counter has a host mirror, and dead codes

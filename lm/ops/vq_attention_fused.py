@@ -1,7 +1,8 @@
 """Fused GPU path of causal chunked VQ attention (Triton): forward and backward.
 
-Same signature, rule and return value as `lm.ops.vq_attention_ref.chunked_vq_attention` (spec:
-research/longvq_algorithm.md §B). Layout [B, T, H, D]; chunks of C tokens aligned to absolute position 0.
+Same signature, rule and return value as `lm.ops.vq_attention_ref.chunked_vq_attention` (the rule:
+docs/model.md, "Causal chunked VQ attention"). Layout [B, T, H, D]; chunks of C tokens aligned to absolute
+position 0.
 
 Design (FlashAttention-2 style, one online softmax per query over three parts):
   * cache statistics (torch, fp32): per-chunk code counts and value sums by `index_add_`, exclusive

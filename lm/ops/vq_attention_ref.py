@@ -1,6 +1,6 @@
 """Causal chunked VQ attention in pure PyTorch: the dense O(T^2) oracle and the chunked O(T(C+S)) form.
 
-Spec: research/longvq_algorithm.md §B. Shapes (FLA-style layout [B, T, H, D]):
+The rule and why it is exact: docs/model.md. Shapes (FLA-style layout [B, T, H, D]):
     q      (B, T, H, Dk)   queries
     k_hat  (B, T, H, Dk)   quantized keys (straight-through already applied by the quantizer)
     v      (B, T, H, Dv)   values
@@ -237,7 +237,7 @@ def _within_chunk(q, k_hat, v, codes, codebook, state: VQAttentionState, C, bias
 def chunked_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codebook: Tensor, *,
                          chunk_size: int, bias: Optional[Tensor] = None, scale: Optional[float] = None,
                          state: Optional[VQAttentionState] = None, return_state: bool = False):
-    """Chunked causal VQ attention, all chunks at once (§B.3), with state in and out (§B.4)."""
+    """Chunked causal VQ attention, all chunks at once, with state in and out."""
     _check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias)
     B, T, H, Dk = q.shape
     Dv, S, C = v.shape[-1], codebook.shape[1], chunk_size

@@ -4,9 +4,10 @@
 
 Between stages flows a tuple (hidden (B, T, D), aux (1,)): the auxiliary commitment loss is carried
 through the stages and added to the cross-entropy on the last one. The first TiedLayerSpec has no
-forward_fn (with one, DeepSpeed never checkpoints the tied weight: research/deepspeed_on_cpu.md §5),
-and the tied module holds only the shared weight. Layers wrap modules of a plain LanguageModel built
-from the same seed, so a pipeline and the plain model start from identical weights.
+forward_fn (a TiedLayerSpec with one is kept as a functools.partial, which DeepSpeed does not save: the tied
+weight would be missing from the checkpoint), and the tied module holds only the shared weight. Layers wrap
+modules of a plain LanguageModel built from the same seed, so a pipeline and the plain model start from
+identical weights.
 """
 
 from __future__ import annotations
