@@ -94,7 +94,7 @@ def test_partial_activation_checkpointing_changes_nothing(tmp_path, cache, singl
 def test_checkpointing_only_the_first_blocks():
     from lm.config import ModelConfig
     from lm.model import build_model
-    from lm.parallel.activation_checkpointing import apply_activation_checkpointing
+    from lm.parallel.activation_checkpointing import apply_activation_checkpointing, is_checkpointed
 
     cfg = ModelConfig(arch="transformer", vocab_size=32, d_model=16, n_layers=3, ffn_dim=32)
     cfg.transformer.n_heads = 2
@@ -103,7 +103,8 @@ def test_checkpointing_only_the_first_blocks():
     ref = build_model(cfg)
     ref.load_state_dict(model.state_dict())
     apply_activation_checkpointing(model.blocks, 2)
-    assert [getattr(b, "_activation_checkpointed", False) for b in model.blocks] == [True, True, False]
+    assert [is_checkpointed(b) for b in model.blocks] == [True, True, False]
+    assert list(model.state_dict()) == list(ref.state_dict())  # parameter names unchanged
     x = torch.randint(0, 32, (2, 9))
     for m in (model, ref):
         m(x).logits.pow(2).mean().backward()
