@@ -13,6 +13,7 @@ Prints a table and writes JSON (default runs/bench_kernels_<date>.json).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import itertools
 import json
@@ -100,7 +101,7 @@ def ema_rows(tokens, contexts, D, N, compile_fft):
         fns = {name: (lambda m=m: m(x, silu=True)[0]) for name, m in arms.items()}
         if compile_fft:
             fns["fft_compiled"] = torch.compile(fns["fft"])
-        fb, bb, ff, bf = ema_model(B * T, D, N, fz.CONFIG["chunk"])
+        fb, bb, ff, bf = ema_model(B * T, D, N, fz.CONFIG.chunk)
         for name, fn in fns.items():
             fwd = bench_ms(lambda: fn())
             fwdbwd = bench_ms(lambda: fn().backward(gy))
@@ -124,23 +125,25 @@ def ema_sweep(tokens, T, D, N):
     m = MultiDimEMA(D, N, impl="auto").cuda()
     x = torch.randn(B, T, D, device="cuda").bfloat16().requires_grad_()
     gy = torch.randn(B, T, D, device="cuda").bfloat16()
-    saved = dict(fz.CONFIG)
     rows = []
-    try:
-        for chunk, bd, warps, unroll in itertools.product((64, 128, 256), (16, 32, 64), (1, 2, 4, 8), (4, 8, 16)):
-            if bd * N // (32 * warps) < 1:
-                continue
-            fz.CONFIG.update(chunk=chunk, block_d=bd, warps=warps, unroll=unroll)
-            try:
-                ms = bench_ms(lambda: m(x, silu=True)[0].backward(gy), warmup=3, rep=10)
-            except Exception as e:  # noqa: BLE001  (a configuration that does not compile: report and go on)
-                print(f"  sweep chunk={chunk} block_d={bd} warps={warps} unroll={unroll}: failed ({e!r:.80})")
-                continue
-            rows.append(dict(kernel="ema_sweep", T=T, B=B, chunk=chunk, block_d=bd, warps=warps, unroll=unroll,
-                             fwd_bwd_ms=ms))
-    finally:
-        fz.CONFIG.clear()
-        fz.CONFIG.update(saved)
+    for chunk, bd, warps, unroll in itertools.product((64, 128, 256), (16, 32, 64), (1, 2, 4, 8), (4, 8, 16)):
+        if bd * N // (32 * warps) < 1:
+            continue
+        config = dataclasses.replace(fz.CONFIG, chunk=chunk, block_d=bd, warps=warps, unroll=unroll)
+
+        def step(config=config):  # the module's scan call (MultiDimEMA.forward) with this launch config
+            pb, q = m.coefficients()
+            y, _ = fz.ema_scan_triton(x, pb, q, m.gamma.to(q.dtype), m.omega.to(q.dtype), scale=m.scale, silu=True,
+                                      config=config)
+            y.backward(gy)
+
+        try:
+            ms = bench_ms(step, warmup=3, rep=10)
+        except Exception as e:  # noqa: BLE001  (a configuration that does not compile: report and go on)
+            print(f"  sweep chunk={chunk} block_d={bd} warps={warps} unroll={unroll}: failed ({e!r:.80})")
+            continue
+        rows.append(dict(kernel="ema_sweep", T=T, B=B, chunk=chunk, block_d=bd, warps=warps, unroll=unroll,
+                         fwd_bwd_ms=ms))
     rows.sort(key=lambda r: r["fwd_bwd_ms"])
     return rows
 
@@ -206,21 +209,16 @@ def quantize_sweep(tokens, T, H, d, S):
     cb = torch.randn(H, S, d, device="cuda")
     k = torch.randn(B, T, H, d, device="cuda").bfloat16()
     st = (torch.zeros(H, S, device="cuda"), torch.zeros(H, S, d, device="cuda"), torch.zeros(2, device="cuda"))
-    saved = dict(fq.CONFIG)
     rows = []
-    try:
-        for bm, bs, warps, stages in itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (1, 2, 3)):
-            fq.CONFIG.update(block_m=bm, block_s=bs, warps=warps, stages=stages)
-            try:
-                ms = bench_ms(lambda: fq.vq_quantize_fused(k, cb, stats=st), warmup=3, rep=10)
-            except Exception as e:  # noqa: BLE001  (a configuration that does not compile: report and go on)
-                print(f"  sweep block_m={bm} block_s={bs} warps={warps} stages={stages}: failed ({e!r:.80})")
-                continue
-            rows.append(dict(kernel="quantize_sweep", T=T, B=B, block_m=bm, block_s=bs, warps=warps, stages=stages,
-                             fwd_ms=ms))
-    finally:
-        fq.CONFIG.clear()
-        fq.CONFIG.update(saved)
+    for bm, bs, warps, stages in itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (1, 2, 3)):
+        config = dataclasses.replace(fq.CONFIG, block_m=bm, block_s=bs, warps=warps, stages=stages)
+        try:
+            ms = bench_ms(lambda config=config: fq.vq_quantize_fused(k, cb, stats=st, config=config), warmup=3, rep=10)
+        except Exception as e:  # noqa: BLE001  (a configuration that does not compile: report and go on)
+            print(f"  sweep block_m={bm} block_s={bs} warps={warps} stages={stages}: failed ({e!r:.80})")
+            continue
+        rows.append(dict(kernel="quantize_sweep", T=T, B=B, block_m=bm, block_s=bs, warps=warps, stages=stages,
+                         fwd_ms=ms))
     rows.sort(key=lambda r: r["fwd_ms"])
     return rows
 
@@ -327,7 +325,8 @@ def main(argv=None):
 
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), tokens=args.tokens, tolerances=TOL_BF16,
-                ema_config=dict(ema_scan_fused.CONFIG), quantize_config=dict(vq_quantize_fused.CONFIG))
+                ema_config=dataclasses.asdict(ema_scan_fused.CONFIG),
+                quantize_config=dataclasses.asdict(vq_quantize_fused.CONFIG))
     out.write_text(json.dumps(dict(meta=meta, checks=checks, rows=rows, failed_checks=failed), indent=1))
     print(f"wrote {out}")
     if failed:

@@ -11,7 +11,9 @@ JSON to --json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
+import functools
 import json
 import math
 import platform
@@ -38,10 +40,10 @@ def make(B, T, H, Dk, Dv, S, C, dtype, with_bias=True, seed=0):
     return q, k_hat, v, codes, cb.to(dtype), bias
 
 
-def fwd_bwd(fn, q, k, v, codes, cb, bias, C, grad):
+def fwd_bwd(fn, q, k, v, codes, cb, bias, C, grad, **kwargs):
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     b = bias.detach().requires_grad_() if bias is not None else None
-    out, _ = fn(*leaves, codes, cb, chunk_size=C, bias=b)
+    out, _ = fn(*leaves, codes, cb, chunk_size=C, bias=b, **kwargs)
     out.backward(grad)
     return [out] + [x.grad for x in leaves] + ([b.grad] if b is not None else [])
 
@@ -107,7 +109,7 @@ def main():
 
     info = {"date": _dt.date.today().isoformat(), "device": torch.cuda.get_device_name(),
             "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "argv": sys.argv, "config": dict(fz.CONFIG)}
+            "argv": sys.argv, "config": dataclasses.asdict(fz.CONFIG)}
     print(info, flush=True)
     result = {"info": info}
     if not args.skip_check:
@@ -127,35 +129,37 @@ def main():
         grad = torch.randn(B, T, H, Dv, device="cuda", dtype=dtype)
         sweep = []
 
-        def timed(note, fn, **cfg):
-            old = dict(fz.CONFIG)
-            fz.CONFIG.update(cfg)
+        def timed(note, make_fn, **changes):
+            """Time make_fn(config) with the default kernel config changed by `changes`."""
+            config = dataclasses.replace(fz.CONFIG, **changes)
             try:
-                ms = bench_ms(fn, warmup=10, rep=50)
+                ms = bench_ms(make_fn(config), warmup=10, rep=50)
             except Exception as e:  # noqa: BLE001  (a config that fails to compile)
-                print("sweep fail", note, cfg, repr(e)[:300], flush=True)
+                print("sweep fail", note, changes, repr(e)[:300], flush=True)
                 ms = None
-            row = dict(fz.CONFIG, note=note, ms=ms)
-            fz.CONFIG.clear()
-            fz.CONFIG.update(old)
+            row = dict(dataclasses.asdict(config), note=note, ms=ms)
             sweep.append(row)
             print("sweep", row, flush=True)
             return ms
 
-        fb = lambda b: (lambda: fwd_bwd(fz.fused_vq_attention, q, k, v, codes, cb, b, C, grad))  # noqa: E731
+        def fb(b):
+            return lambda config: functools.partial(fwd_bwd, fz.fused_vq_attention, q, k, v, codes, cb, b, C, grad,
+                                                    config=config)
 
         def fwd(b):
-            def f():
-                with torch.no_grad():
-                    fz.fused_vq_attention(q, k, v, codes, cb, chunk_size=C, bias=b)
-            return f
+            def make_fn(config):
+                def f():
+                    with torch.no_grad():
+                        fz.fused_vq_attention(q, k, v, codes, cb, chunk_size=C, bias=b, config=config)
+                return f
+            return make_fn
 
         R = math.ceil(T / C)
-        timed("glue: cache tables only", lambda: fz._cache_tables(codes, v, None, C, S, R))
+        timed("glue: cache tables only", lambda config: lambda: fz.cache_tables(codes, v, None, C, S, R))
         timed("fwd, bias", fwd(bias))
         timed("fwd, no bias", fwd(None))
         timed("fwd+bwd, no bias", fb(None))
-        for bg in (1, 0, 2):
+        for bg in ("gather", "atomic", "skip"):
             timed(f"fwd+bwd, bias, bias_grad={bg}", fb(bias), bias_grad=bg)
         for fw, bw, st in ((8, 4, 2), (4, 8, 2), (4, 4, 3), (4, 4, 4)):
             timed("fwd+bwd, bias", fb(bias), fwd_warps=fw, bwd_warps=bw, stages=st)

@@ -83,12 +83,14 @@ def row_config(cfg: RunConfig, context: int, tokens_per_step: int, steps: int) -
 
 
 def backend_name(cfg: RunConfig, device: torch.device, precision: str) -> str:
-    """The attention implementation the recipe runs on this device: the VQ attention implementation
-    (lm.ops.vq_attention.resolve_impl) for LongVQ, the SDPA/flash backend that ran for the Transformer."""
-    if cfg.model.arch == "transformer":
-        return sdpa.last_backend or cfg.model.transformer.attn_backend
+    """The attention implementation the recipe runs on this device, resolved from small probe tensors without
+    running anything: the VQ attention implementation (lm.ops.vq_attention.resolve_impl) for LongVQ, the
+    SDPA/flash backend (lm.ops.sdpa.resolve_backend) for the Transformer."""
     H, dk, dv = head_dims(cfg.model)
     dtype = torch.bfloat16 if precision != "fp32" and device.type == "cuda" else torch.float32
+    if cfg.model.arch == "transformer":
+        probe = torch.empty(1, H, 16, dk, device=device, dtype=dtype)
+        return sdpa.resolve_backend(cfg.model.transformer.attn_backend, probe)
     probe_q = torch.empty(1, 1, H, dk, device=device, dtype=dtype)
     probe_v = torch.empty(1, 1, H, dv, device=device, dtype=dtype)
     return resolve_impl(cfg.model.longvq.attention_impl, probe_q, probe_v, cfg.model.longvq.chunk_size)
@@ -109,7 +111,6 @@ def train_row(cfg: RunConfig, context: int, *, tokens_per_step: int, engine: str
     """One training row (see the module docstring)."""
     c = row_config(cfg, context, tokens_per_step, warmup + steps)
     eng = build_engine(c, engine, device=device) if engine == "torch" else build_engine(c, engine)
-    sdpa.last_backend = None
     loop = TrainLoop(eng, RandomTokens(c.model.vocab_size, context, seed=0), StepSchedule(c.optim, c.train.max_steps),
                      micro_batch_size=c.train.micro_batch_size, loss_chunk_tokens=c.train.loss_chunk_tokens,
                      max_steps=c.train.max_steps, sync_timing=True)
@@ -145,7 +146,6 @@ def decode_row(cfg: RunConfig, prompt_len: int, *, decode_tokens: int = 128, dec
         model = model.to(torch.bfloat16)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
                 else torch.autocast(device.type, enabled=False))
-    sdpa.last_backend = None
     prompt = torch.randint(0, c.model.vocab_size, (batch, prompt_len), device=device)
 
     def sync():

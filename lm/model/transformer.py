@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from lm.config import ModelConfig
 from lm.model.common import RMSNorm
-from lm.ops.sdpa import causal_attention
+from lm.ops.sdpa import CausalAttention
 
 
 @dataclass
@@ -41,7 +41,8 @@ class SelfAttentionMixer(nn.Module):
         super().__init__()
         tc = cfg.transformer
         self.n_heads, self.head_dim = tc.n_heads, cfg.d_model // tc.n_heads
-        self.rope_base, self.backend = tc.rope_base, tc.attn_backend
+        self.rope_base = tc.rope_base
+        self.attention = CausalAttention(tc.attn_backend)  # this module's backend choice and fallback record
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -69,4 +70,4 @@ class SelfAttentionMixer(nn.Module):
         return x + self.dropout(self.out(y)), new_state, x.new_zeros(()), {}
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return causal_attention(q, k, v, self.backend)
+        return self.attention(q, k, v)

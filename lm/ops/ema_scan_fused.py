@@ -3,7 +3,7 @@
 Same signature, recurrence and return value as `lm.ops.ema_scan.ema_scan_reference`:
     h_t = pb x_t + q h_{t-1};  y_t = scale sum_n gamma h_t + omega x_t;  out_t = SiLU(y_t) if silu else y_t
 
-Design. The sequence is cut into chunks of L tokens (CONFIG["chunk"]); programs run over
+Design. The sequence is cut into chunks of L tokens (KernelConfig.chunk); programs run over
 (chunk, batch, block of BD channels) and hold the (BD, N) state in registers, fp32. Inside a chunk the
 recurrence runs step by step (one x row per step, U steps unrolled so their loads are issued together);
 across chunks a carried (D, N) state joins them:
@@ -31,6 +31,7 @@ Importing needs Triton (ImportError otherwise, the dispatcher falls back); it ne
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -41,10 +42,25 @@ import triton.language as tl
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Tunables (evals/bench_kernels.py sweeps them): chunk = tokens per chunk; block_d = channels per program;
-# unroll = recurrence steps (and chunks in the passes) per unrolled loop body; pass_block = (d, n) states per
-# program of the passes over chunks.
-CONFIG = {"chunk": 128, "block_d": 32, "warps": 4, "unroll": 8, "pass_block": 128}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch settings (evals/bench_kernels.py --sweep passes others to `ema_scan_triton`)."""
+
+    chunk: int = 128
+    """Tokens per chunk."""
+    block_d: int = 32
+    """Channels per program."""
+    warps: int = 4
+    unroll: int = 8
+    """Recurrence steps (and chunks in the passes) per unrolled loop body."""
+    pass_block: int = 128
+    """(d, n) states per program of the passes over chunks."""
+
+
+CONFIG = KernelConfig()
+"""The settings every call uses unless it passes its own."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,11 +341,11 @@ def _grid(NC, B, D, bd):
 
 class _EMAScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, pb, q, cc, omega, h0, silu, L):
+    def forward(ctx, x, pb, q, cc, omega, h0, silu, L, cfg):
         B, T, D = x.shape
         N = q.shape[1]
         NC = triton.cdiv(T, L)
-        bd, U, nw = CONFIG["block_d"], CONFIG["unroll"], CONFIG["warps"]
+        bd, U, nw = cfg.block_d, cfg.unroll, cfg.warps
         f32 = dict(dtype=torch.float32, device=x.device)
         ends = torch.empty(B, NC, D, N, **f32)
         grid = _grid(NC, B, D, bd)
@@ -337,7 +353,7 @@ class _EMAScan(torch.autograd.Function):
                                   L=L, N=N, BD=bd, U=U, num_warps=nw)
         starts = torch.empty(B, NC, D, N, **f32)
         h_T = torch.empty(B, D, N, **f32)
-        pblk = CONFIG["pass_block"]
+        pblk = cfg.pass_block
         _state_pass_kernel[(B, triton.cdiv(D * N, pblk))](
             ends, pb, q, h0 if h0 is not None else ends, starts, h_T, T, NC, D * N,
             L=L, HAS_H0=h0 is not None, BLOCK=pblk, U=U, num_warps=4)
@@ -348,17 +364,17 @@ class _EMAScan(torch.autograd.Function):
                                  x.stride(0), x.stride(1), T, D, NC,
                                  L=L, N=N, BD=bd, U=U, SILU=bool(silu), STORE_PRE=store_pre, num_warps=nw)
         ctx.save_for_backward(x, pb, q, cc, omega, starts, y_pre)
-        ctx.meta = (bool(silu), L, h0 is not None)
+        ctx.meta = (bool(silu), L, h0 is not None, cfg)
         return y, h_T
 
     @staticmethod
     def backward(ctx, grad_y, grad_hT):
         x, pb, q, cc, omega, starts, y_pre = ctx.saved_tensors
-        silu, L, has_h0 = ctx.meta
+        silu, L, has_h0, cfg = ctx.meta
         B, T, D = x.shape
         N = q.shape[1]
         NC = starts.shape[1]
-        bd, U, nw = CONFIG["block_d"], CONFIG["unroll"], CONFIG["warps"]
+        bd, U, nw = cfg.block_d, cfg.unroll, cfg.warps
         f32 = dict(dtype=torch.float32, device=x.device)
         if grad_y is None:
             grad_y = torch.zeros_like(x)
@@ -372,7 +388,7 @@ class _EMAScan(torch.autograd.Function):
         g_next = torch.empty(B, NC, D, N, **f32)
         dh0 = torch.empty(B, D, N, **f32)
         dq_cross = torch.empty(B, D, N, **f32)
-        pblk = CONFIG["pass_block"]
+        pblk = cfg.pass_block
         dht = None if grad_hT is None else grad_hT.float().contiguous()
         _bwd_state_pass_kernel[(B, triton.cdiv(D * N, pblk))](
             g_loc, w_end, q, dht if dht is not None else g_loc, g_next, dh0, dq_cross, T, NC, D * N,
@@ -387,7 +403,7 @@ class _EMAScan(torch.autograd.Function):
         dq = dq_part.sum((0, 1)) + dq_cross.sum(0)
         dcc = dc_part.sum((0, 1))
         dom = dom_part.sum((0, 1))
-        return dx, dpb, dq, dcc, dom, (dh0 if has_h0 else None), None, None
+        return dx, dpb, dq, dcc, dom, (dh0 if has_h0 else None), None, None, None
 
 
 @torch.compiler.disable  # under torch.compile: an opaque call (Dynamo does not trace the Triton launches)
@@ -397,15 +413,16 @@ def _apply(*args):
 
 def ema_scan_triton(x: Tensor, pb: Tensor, q: Tensor, gamma: Tensor, omega: Tensor, *, scale: float,
                     state: Optional[Tensor] = None, return_state: bool = False, silu: bool = False,
-                    chunk_size: Optional[int] = None):
-    """Drop-in for `ema_scan_reference` (see `supports`). Returns (out (B, T, D) x.dtype, h_T fp32 or None)."""
+                    chunk_size: Optional[int] = None, config: KernelConfig = CONFIG):
+    """Drop-in for `ema_scan_reference` (see `supports`). Returns (out (B, T, D) x.dtype, h_T fp32 or None).
+    chunk_size overrides config.chunk."""
     B, T, D = x.shape
     N = q.shape[-1]
     if x.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"ema_scan_triton: x dtype {x.dtype} is not one of {_SUPPORTED_DTYPES}; use impl=reference")
     if N & (N - 1) or N > 64:
         raise ValueError(f"ema_scan_triton: N = {N} EMA dimensions must be a power of two <= 64; use impl=reference")
-    L = int(chunk_size or CONFIG["chunk"])
+    L = int(chunk_size or config.chunk)
     f = torch.float32
     params = [t.to(f).contiguous() for t in (pb, q, gamma * scale, omega)]
     h0 = None if state is None else state.to(f).contiguous()
@@ -413,8 +430,8 @@ def ema_scan_triton(x: Tensor, pb: Tensor, q: Tensor, gamma: Tensor, omega: Tens
         h = h0 if h0 is not None else torch.zeros(B, D, N, dtype=f, device=x.device)
         return x.new_zeros(B, 0, D), (h if return_state else None)
     xc = x if x.is_contiguous() else x.contiguous()
-    y, h_T = _apply(xc, *params, h0, bool(silu), L)
+    y, h_T = _apply(xc, *params, h0, bool(silu), L, config)
     return y, (h_T if return_state else None)
 
 
-__all__ = ["supports", "ema_scan_triton", "CONFIG"]
+__all__ = ["supports", "ema_scan_triton", "KernelConfig", "CONFIG"]

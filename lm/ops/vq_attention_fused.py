@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,16 +47,32 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from lm.ops.vq_attention_ref import VQAttentionState, _check_inputs, local_bias
+from lm.ops.vq_attention_ref import VQAttentionState, check_inputs, local_bias
 
 LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _SUPPORTED_DIMS = (16, 32, 64, 128)
 BLK = 64  # key / code block and the dq kernel's square tile; chunk_size must be a multiple of it
 
-# Tunables (the benchmark may change them). bias_grad: 1 = diagonal sums of each dS tile by tl.gather,
-# then 2 x BLK atomics per tile; 0 = one atomic per tile element; 2 = skip (timing breakdown only: WRONG dbias).
-CONFIG = {"fwd_warps": 4, "bwd_warps": 4, "stages": 3, "bias_grad": 1}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch settings (evals/bench_vq_attention.py passes others to `fused_vq_attention`)."""
+
+    fwd_warps: int = 4
+    bwd_warps: int = 4
+    stages: int = 3
+    bias_grad: Literal["gather", "atomic", "skip"] = "gather"
+    """How the dq kernel sums the bias gradient: gather = diagonal sums of each dS tile by tl.gather, then
+    2 x BLK atomics per tile; atomic = one atomic per tile element; skip = none (timing breakdowns only: the
+    bias gets a WRONG, zero gradient). A gather launch that fails to compile falls back to atomic for that
+    call, with a warning."""
+
+
+CONFIG = KernelConfig(bias_grad="gather" if hasattr(tl, "gather") else "atomic")
+"""The settings every call uses unless it passes its own (gather where this Triton has tl.gather)."""
+_BIAS_GRAD_MODES = {"atomic": 0, "gather": 1, "skip": 2}  # the kernels' GATHER constexpr
 
 
 def _bias_base2(bias: Tensor) -> Tensor:
@@ -440,7 +457,7 @@ def supports(q: Tensor, v: Tensor, chunk_size: int, state=None) -> bool:
     return True
 
 
-def _cache_tables(codes: Tensor, v: Tensor, state: Optional[VQAttentionState], C: int, S: int, R: int):
+def cache_tables(codes: Tensor, v: Tensor, state: Optional[VQAttentionState], C: int, S: int, R: int):
     with torch.autocast(codes.device.type, enabled=False):  # counts and sums stay exact fp32
         return _cache_tables_fp32(codes, v, state, C, S, R)
 
@@ -484,7 +501,8 @@ def _grid_cfg(dtype):
 
 class _FusedVQAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k_hat, v, bias, prev_k, prev_v, cache_in, prev_codes, codes, cb, logn, ubar, cnt, C, scale):
+    def forward(ctx, q, k_hat, v, bias, prev_k, prev_v, cache_in, prev_codes, codes, cb, logn, ubar, cnt, C, scale,
+                cfg):
         """cache_in (B, H, S, Dv) and prev_codes (B, H, C): the incoming state's cache sums and previous
         codes, only to route gradients to the state (their values are already in logn / ubar)."""
         B, T, H, Dk = q.shape
@@ -513,9 +531,9 @@ class _FusedVQAttention(torch.autograd.Function):
             vx.stride(0), vx.stride(1), vx.stride(2), out.stride(0), out.stride(1), out.stride(2),
             T, koff, H, R, scale * LOG2E,
             HAS_BIAS=bias is not None, C=C, S=Sp, DK=Dk, DV=Dv, BM=bm, BN=BLK, PREC=prec,
-            num_warps=CONFIG["fwd_warps"], num_stages=CONFIG["stages"])
+            num_warps=cfg.fwd_warps, num_stages=cfg.stages)
         ctx.save_for_backward(q, kx, vx, codes, cb, logn, ubar, cnt, bt, out, lse, prev_codes, bias)
-        ctx.meta = (C, scale, koff, bias is not None, bias.dtype if bias is not None else None)
+        ctx.meta = (C, scale, koff, bias is not None, bias.dtype if bias is not None else None, cfg)
         ctx.state_dtypes = (None if prev_k is None else prev_k.dtype, None if prev_v is None else prev_v.dtype,
                             None if cache_in is None else cache_in.dtype)
         ctx.cache_codes = None if cache_in is None else cache_in.shape[2]
@@ -525,7 +543,7 @@ class _FusedVQAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, kx, vx, codes, cb, logn, ubar, cnt, bt, out, lse, prev_codes, bias = ctx.saved_tensors
         want_prev_k, want_prev_v, want_cache = ctx.needs_input_grad[4:7]
-        C, scale, koff, has_bias, bias_dtype = ctx.meta
+        C, scale, koff, has_bias, bias_dtype, cfg = ctx.meta
         B, T, H, Dk = q.shape
         Dv = vx.shape[-1]
         R, Sp = logn.shape[1], cb.shape[1]
@@ -536,7 +554,7 @@ class _FusedVQAttention(torch.autograd.Function):
             out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
             T, H, R, C=C, DV=Dv, BM=BLK, num_warps=4)
         prec = _grid_cfg(q.dtype)
-        nw, ns = CONFIG["bwd_warps"], CONFIG["stages"]
+        nw, ns = cfg.bwd_warps, cfg.stages
 
         dq = torch.empty_like(q)
         # bias gradient: one partial row per (b, h, chunk) (the atomics of a chunk's query blocks only
@@ -551,16 +569,17 @@ class _FusedVQAttention(torch.autograd.Function):
                 HAS_BIAS=has_bias, C=C, S=Sp, DK=Dk, DV=Dv, BL=BLK, PREC=prec,
                 GATHER=gather, num_warps=nw, num_stages=ns)
 
-        if has_bias and CONFIG["bias_grad"] == 1:
+        mode = _BIAS_GRAD_MODES[cfg.bias_grad] if has_bias else 0
+        if mode == 1:
             try:
                 launch_dq(1)
-            except Exception as e:  # noqa: BLE001  (tl.gather missing or failing to compile: use tile atomics)
-                warnings.warn(f"vq_attention_fused: tl.gather path failed ({e!r:.200}); using tile atomics for dbias")
-                CONFIG["bias_grad"] = 0
+            except Exception as e:  # noqa: BLE001  (tl.gather failing to compile: tile atomics for this call)
+                warnings.warn(f"vq_attention_fused: the tl.gather path failed ({e!r:.200}); using tile atomics for "
+                              "dbias (pass KernelConfig(bias_grad='atomic') to skip the attempt)")
                 dbias.zero_()
                 launch_dq(0)
         else:
-            launch_dq(CONFIG["bias_grad"] if has_bias else 0)
+            launch_dq(mode)
 
         # cache gradient first (dUbar per chunk and code), turned in place into the gradient of each chunk's
         # value sums, which the dk/dv kernel gathers at every key's code
@@ -601,7 +620,7 @@ class _FusedVQAttention(torch.autograd.Function):
             num_warps=nw, num_stages=ns)
 
         dbias_out = dbias.sum((0, 2)).to(bias_dtype) if has_bias else None
-        return (dq, gk, gv, dbias_out, g_prev_k, g_prev_v, g_cache) + (None,) * 8
+        return (dq, gk, gv, dbias_out, g_prev_k, g_prev_v, g_cache) + (None,) * 9
 
 
 def _previous_chunk_grads(q, prev_k, prev_v, do, lse, delta, bias, C, scale):
@@ -630,9 +649,12 @@ def _apply_fused(*args):  # the table building around it stays in the compiled g
 
 def fused_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codebook: Tensor, *,
                        chunk_size: int, bias: Optional[Tensor] = None, scale: Optional[float] = None,
-                       state: Optional[VQAttentionState] = None, return_state: bool = False):
+                       state: Optional[VQAttentionState] = None, return_state: bool = False,
+                       config: KernelConfig = CONFIG):
     """Drop-in for `chunked_vq_attention` on CUDA (see `supports`). Returns (out, new_state or None)."""
-    _check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias)
+    check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias)
+    if config.bias_grad not in _BIAS_GRAD_MODES:
+        raise ValueError(f"KernelConfig.bias_grad must be one of {tuple(_BIAS_GRAD_MODES)}, got {config.bias_grad!r}")
     B, T, H, Dk = q.shape
     Dv, S, C = v.shape[-1], codebook.shape[1], chunk_size
     if state is not None and state.pos % C != 0:
@@ -649,7 +671,7 @@ def fused_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codeb
     Sp = math.ceil(S / BLK) * BLK
 
     with torch.no_grad():
-        excl_cnt, excl_sum = _cache_tables(codes, v.detach(), state, C, S, R)
+        excl_cnt, excl_sum = cache_tables(codes, v.detach(), state, C, S, R)
         cnt = excl_cnt[:, :, :R]
         logn = torch.where(cnt > 0, cnt.clamp(min=1).log2(), torch.full_like(cnt, float("-inf")))
         ubar = (excl_sum[:, :, :R] / cnt.clamp(min=1)[..., None]).to(v.dtype)
@@ -668,7 +690,7 @@ def fused_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codeb
     out = _apply_fused(
         q, k_hat, v, bias, state.prev_k if has_prev else None, state.prev_v if has_prev else None,
         state.cache_sum if state is not None else None, state.prev_codes if has_prev else None,
-        codes, cb, logn, ubar, cnt, C, scale)
+        codes, cb, logn, ubar, cnt, C, scale, config)
 
     new_state = None
     if return_state:
@@ -702,4 +724,4 @@ def _new_state(k_hat, v, codes, state, excl_cnt, excl_sum, C, R):
     return st.detach()
 
 
-__all__ = ["supports", "fused_vq_attention", "CONFIG"]
+__all__ = ["supports", "fused_vq_attention", "KernelConfig", "CONFIG"]

@@ -90,7 +90,8 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias):
+def check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias):
+    """Assert that the attention inputs have consistent shapes (see the module docstring)."""
     B, T, H, Dk = q.shape
     assert k_hat.shape == q.shape, f"k_hat {tuple(k_hat.shape)} != q {tuple(q.shape)}"
     assert v.shape[:3] == (B, T, H), f"v {tuple(v.shape)} does not match q {tuple(q.shape)}"
@@ -112,7 +113,7 @@ def dense_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codeb
     """O(T^2) softmax attention with the chunked form's rules: keys of the own and previous chunk as
     given (k_hat: quantized with a straight-through gradient, or raw keys), keys further back as their
     codewords codebook[codes] (no gradient), plus the local bias."""
-    _check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias)
+    check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias)
     B, T, H, Dk = q.shape
     C = chunk_size
     scale = Dk ** -0.5 if scale is None else scale
@@ -159,7 +160,7 @@ def code_statistics(codes: Tensor, values: Tensor, S: int) -> tuple[Tensor, Tens
     return count.view(B, H, S), sums.view(B, H, S, Dv)
 
 
-def _code_stats(codes: Tensor, values: Tensor, valid: Tensor, S: int) -> tuple[Tensor, Tensor]:
+def code_stats(codes: Tensor, values: Tensor, valid: Tensor, S: int) -> tuple[Tensor, Tensor]:
     """Per-chunk code histograms and value sums. codes (..., C), values (..., C, Dv), valid (..., C)."""
     acc = _acc_dtype(values)
     with torch.autocast(values.device.type, enabled=False):  # exact counts even under bf16 autocast
@@ -225,7 +226,7 @@ def _within_chunk(q, k_hat, v, codes, codebook, state: VQAttentionState, C, bias
         else:  # the chunk completed: it becomes "previous", the old previous chunk joins the cache
             count, total = state.cache_count.to(acc), state.cache_sum.to(acc)
             if state.prev_k is not None:
-                c0, s0 = _code_stats(state.prev_codes, state.prev_v, torch.ones(C, dtype=torch.bool, device=dev), S)
+                c0, s0 = code_stats(state.prev_codes, state.prev_v, torch.ones(C, dtype=torch.bool, device=dev), S)
                 count, total = count + c0, total + s0
             new_state = VQAttentionState(
                 pos=state.pos + T, cur_k=k_cur[:, :, :0], cur_v=v_cur[:, :, :0], cur_codes=z_cur[:, :, :0],
@@ -238,7 +239,7 @@ def chunked_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, cod
                          chunk_size: int, bias: Optional[Tensor] = None, scale: Optional[float] = None,
                          state: Optional[VQAttentionState] = None, return_state: bool = False):
     """Chunked causal VQ attention, all chunks at once, with state in and out."""
-    _check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias)
+    check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias)
     B, T, H, Dk = q.shape
     Dv, S, C = v.shape[-1], codebook.shape[1], chunk_size
     scale = Dk ** -0.5 if scale is None else scale
@@ -279,9 +280,9 @@ def chunked_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, cod
     prev_valid[0] = has_prev
 
     # Cache for chunk r = state cache + stats of every chunk <= r - 2 (exclusive prefix with lag 2).
-    cnt, sm = _code_stats(zb, vb, valid, S)  # (B, H, R, S), (B, H, R, S, Dv)
+    cnt, sm = code_stats(zb, vb, valid, S)  # (B, H, R, S), (B, H, R, S, Dv)
     if has_prev:
-        c0, s0 = _code_stats(state.prev_codes, state.prev_v, torch.ones(C, dtype=torch.bool, device=dev), S)
+        c0, s0 = code_stats(state.prev_codes, state.prev_v, torch.ones(C, dtype=torch.bool, device=dev), S)
     else:
         c0, s0 = cnt.new_zeros(B, H, S), sm.new_zeros(B, H, S, Dv)
     step_cnt = torch.cat([c0[:, :, None], cnt], dim=2)  # index m <-> chunk (first - 1 + m)

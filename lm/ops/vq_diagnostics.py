@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lm.ops.vq_attention_ref import _check_inputs, _code_stats, local_bias
+from lm.ops.vq_attention_ref import check_inputs, code_stats, local_bias
 
 REGIONS = ("own", "prev", "cache")
 
@@ -48,7 +48,7 @@ def attention_mass_split(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, cod
         chunk_size, codebook_size, tokens
     Memory is O(B H T (2C + S)) for the scores: call it on one or a few windows.
     """
-    _check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias)
+    check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias)
     B, T, H, Dk = q.shape
     S, C = codebook.shape[1], chunk_size
     scale = Dk ** -0.5 if scale is None else scale
@@ -65,7 +65,7 @@ def attention_mass_split(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, cod
         prev_valid = torch.arange(R, device=dev) >= 1
 
         # Cache seen by chunk r: code counts of chunks <= r - 2 (the same lag-2 prefix as the chunked form).
-        cnt, _ = _code_stats(zb, kb.new_zeros(B, H, R, C, 1), valid, S)  # (B, H, R, S)
+        cnt, _ = code_stats(zb, kb.new_zeros(B, H, R, C, 1), valid, S)  # (B, H, R, S)
         cache_cnt = F.pad(cnt.cumsum(2), (0, 0, 2, 0))[:, :, :R]
         log_n = torch.where(cache_cnt > 0, cache_cnt.clamp(min=1).log(), torch.full_like(cache_cnt, float("-inf")))
 

@@ -18,6 +18,7 @@ Importing needs Triton (ImportError otherwise, the dispatcher falls back); it ne
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,9 +30,24 @@ import triton.language as tl
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SUPPORTED_DIMS = (16, 32, 64, 128)
 
-# Tunables (evals/bench_kernels.py --sweep tries others): key rows and codes per tile. Every program reads the
-# head's whole codebook (64 KB in bf16 at S = 512, d = 64) from L2, so more rows per program means less L2 traffic.
-CONFIG = {"block_m": 128, "block_s": 64, "warps": 8, "stages": 2}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch settings (evals/bench_kernels.py --sweep passes others to `vq_quantize_fused`). Every program
+    reads the head's whole codebook (64 KB in bf16 at S = 512, d = 64) from L2, so more rows per program means
+    less L2 traffic."""
+
+    block_m: int = 128
+    """Key rows per tile."""
+    block_s: int = 64
+    """Codes per tile."""
+    warps: int = 8
+    stages: int = 2
+
+
+CONFIG = KernelConfig()
+"""The settings every call uses unless it passes its own."""
 
 
 @triton.jit
@@ -105,10 +121,10 @@ def supports(k: Tensor) -> bool:
 
 class _FusedQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, k, cb_tiles, cb, cnorm, count, total):
+    def forward(ctx, k, cb_tiles, cb, cnorm, count, total, cfg):
         M, H, D = k.shape
         S = cb.shape[1]
-        bm, bs = CONFIG["block_m"], CONFIG["block_s"]
+        bm, bs = cfg.block_m, cfg.block_s
         k_hat = torch.empty_like(k)
         codes = torch.empty(M, H, dtype=torch.long, device=k.device)
         grid = (triton.cdiv(M, bm), H)
@@ -118,9 +134,10 @@ class _FusedQuantize(torch.autograd.Function):
             k, cb_tiles, cb, cnorm, k_hat, codes, part, count if stats else part, total if stats else part,
             M, S, H, k.stride(0), k.stride(1),
             D=D, BM=bm, BS=bs, STATS=stats, PREC="ieee" if k.dtype == torch.float32 else "tf32",
-            num_warps=CONFIG["warps"], num_stages=CONFIG["stages"])
+            num_warps=cfg.warps, num_stages=cfg.stages)
         sums = part.sum(0)  # (sum ||k - c_z||^2, sum ||k||^2)
         ctx.save_for_backward(k, cb, codes)
+        ctx.cfg = cfg
         ctx.mark_non_differentiable(codes, sums)
         return k_hat, codes, sums[0] / (M * H), sums
 
@@ -129,16 +146,16 @@ class _FusedQuantize(torch.autograd.Function):
         k, cb, codes = ctx.saved_tensors
         M, H, D = k.shape
         if g_commit is None:
-            return g_khat, None, None, None, None, None
+            return g_khat, None, None, None, None, None, None
         if g_khat is not None and not g_khat.is_contiguous():
             g_khat = g_khat.contiguous()
         dk = torch.empty_like(k)
-        bm = CONFIG["block_m"]
+        bm = ctx.cfg.block_m
         _commit_grad_kernel[(triton.cdiv(M, bm), H)](
             k, cb, codes, g_khat if g_khat is not None else k, g_commit.float().reshape(1), dk,
             M, cb.shape[1], H, k.stride(0), k.stride(1), 2.0 / (M * H),
             D=D, BM=bm, HAS_GKH=g_khat is not None, num_warps=4)
-        return dk, None, None, None, None, None
+        return dk, None, None, None, None, None, None
 
 
 @torch.compiler.disable  # under torch.compile: an opaque call (Dynamo does not trace the Triton launches)
@@ -146,7 +163,8 @@ def _apply(*args):
     return _FusedQuantize.apply(*args)
 
 
-def vq_quantize_fused(k: Tensor, codebook: Tensor, *, stats: Optional[tuple[Tensor, Tensor, Tensor]] = None):
+def vq_quantize_fused(k: Tensor, codebook: Tensor, *, stats: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+                      config: KernelConfig = CONFIG):
     """Drop-in for `vq_quantize_reference` (see `supports`): (k_hat, codes, commit)."""
     B, T, H, D = k.shape
     if k.dtype not in _SUPPORTED_DTYPES or D not in _SUPPORTED_DIMS:
@@ -166,10 +184,10 @@ def vq_quantize_fused(k: Tensor, codebook: Tensor, *, stats: Optional[tuple[Tens
         for t in (count, total, err):
             if t.dtype != torch.float32 or not t.is_contiguous():
                 raise ValueError("vq_quantize_fused: statistics buffers must be contiguous float32")
-    k_hat, codes, commit, sums = _apply(kr, tiles, cb, cnorm, count, total)
+    k_hat, codes, commit, sums = _apply(kr, tiles, cb, cnorm, count, total, config)
     if stats is not None:
         err += sums
     return k_hat.view(B, T, H, D), codes.view(B, T, H), commit
 
 
-__all__ = ["supports", "vq_quantize_fused", "CONFIG"]
+__all__ = ["supports", "vq_quantize_fused", "KernelConfig", "CONFIG"]

@@ -13,6 +13,8 @@ k_hat, v and bias under a random upstream gradient):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 
 import pytest
@@ -113,17 +115,14 @@ def test_fused_matches_reference_with_raw_local_keys():
         assert rel(a, b) <= TOL[torch.float32], name
 
 
-def test_bias_gradient_atomic_fallback():
-    """The tile-atomic dbias path (CONFIG['bias_grad']=0) gives the same gradients."""
+@pytest.mark.parametrize("bias_grad", ["gather", "atomic"])
+def test_bias_gradient_paths(bias_grad):
+    """Both dbias paths of the dq kernel (KernelConfig.bias_grad) give the reference's gradients."""
     q, k_hat, v, codes, cb, bias = make_inputs(1, 64 * 4 + 3, 2, 64, 64, 64, 64, torch.float32, True, seed=3)
     grad = torch.randn(1, 64 * 4 + 3, 2, 64, device=DEVICE)
     ref = run(chunked_vq_attention, q, k_hat, v, codes, cb, bias, 64, grad)
-    old = fz.CONFIG["bias_grad"]
-    try:
-        fz.CONFIG["bias_grad"] = 0
-        got = run(fz.fused_vq_attention, q, k_hat, v, codes, cb, bias, 64, grad)
-    finally:
-        fz.CONFIG["bias_grad"] = old
+    config = dataclasses.replace(fz.CONFIG, bias_grad=bias_grad)
+    got = run(functools.partial(fz.fused_vq_attention, config=config), q, k_hat, v, codes, cb, bias, 64, grad)
     for a, b in zip(got, ref):
         assert rel(a, b) <= 1e-4
 

@@ -12,6 +12,8 @@ Tolerances:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 
 import pytest
@@ -68,15 +70,14 @@ SHAPES = [
 @pytest.mark.parametrize("block_m", [None, 16], ids=["default_rows", "16_rows"])
 @pytest.mark.parametrize("with_stats", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fused_matches_reference(shape, with_stats, block_m, monkeypatch):
+def test_fused_matches_reference(shape, with_stats, block_m):
     """block_m 16: many row blocks per head (the per-program partial sums, masked last block)."""
-    if block_m is not None:
-        monkeypatch.setitem(fq.CONFIG, "block_m", block_m)
+    config = fq.CONFIG if block_m is None else dataclasses.replace(fq.CONFIG, block_m=block_m)
     B, T, H, d, S = shape
     k, cb = make(B, T, H, d, S, seed=sum(shape))
     grad = torch.randn(B, T, H, d, device=DEVICE)
     ref = run(vq_quantize_reference, k, cb, with_stats, grad, 0.7)
-    got = run(fq.vq_quantize_fused, k, cb, with_stats, grad, 0.7)
+    got = run(functools.partial(fq.vq_quantize_fused, config=config), k, cb, with_stats, grad, 0.7)
     assert got[1].dtype == torch.long and torch.equal(got[1], ref[1]), "codes"
     assert got[0].dtype == k.dtype and torch.equal(got[0], ref[0]), "k_hat"
     assert rel(got[2], ref[2]) <= TOL, "commit"
