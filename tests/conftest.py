@@ -1,15 +1,13 @@
-"""Test defaults: CPU, deterministic, TF32 off; `gpu` tests skip themselves without CUDA."""
+"""Test defaults: CPU, deterministic, TF32 off; `gpu` tests skip themselves without CUDA.
+
+The repository root is importable through pytest's `pythonpath` setting (pyproject.toml) or an installed
+package (`pip install -e .`); nothing here edits sys.path."""
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
 

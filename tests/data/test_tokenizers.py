@@ -12,12 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wikitext_fixture import make_splits  # noqa: E402
-
-from lm.config import DataConfig, load_config  # noqa: E402
-from lm.data import load_stream, wikitext  # noqa: E402
-from lm.data.tokenizer import ByteTokenizer, encode_text, load_tokenizer  # noqa: E402
+from lm.config import DataConfig, load_config
+from lm.data import load_stream, wikitext
+from lm.data.tokenizer import ByteTokenizer, encode_text, load_tokenizer
+from tests.data.wikitext_fixture import make_splits
 
 ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("sentencepiece")

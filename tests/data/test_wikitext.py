@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wikitext_fixture import make_splits  # noqa: E402
-
-from lm.config import DataConfig  # noqa: E402
-from lm.data import load_stream, wikitext  # noqa: E402
+from lm.config import DataConfig
+from lm.data import load_stream, wikitext
+from tests.data.wikitext_fixture import make_splits
 
 SPLITS = ("train", "valid", "test")
 

@@ -84,9 +84,9 @@ def test_deepspeed_bf16_flat_buffers_keep_parameters_aligned():
 @pytest.mark.gpu
 def test_upstream_reproducer_faults_only_when_misaligned():
     script = ROOT / "tests/repro/inductor_misaligned_params.py"
-    ok = subprocess.run([sys.executable, str(script), "--aligned"], capture_output=True, text=True, timeout=1200)
+    ok = subprocess.run([sys.executable, str(script), "--aligned"], capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    bad = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=1200)
+    bad = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert bad.returncode != 0 and "misaligned address" in bad.stdout, (
         "no variant of the reproducer faults any more: this torch checks static-input alignment at run time, so "
         "the alignment workarounds may be dropped\n" + bad.stdout + bad.stderr)
