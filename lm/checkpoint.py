@@ -714,14 +714,16 @@ def _universal_worker(src: Path, dst: Path) -> None:
     try:
         with torch.serialization.safe_globals(allowed):  # inherited by the converter's forked workers
             ds_to_universal.main(args)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"universal conversion of {src}: " + _refusal(src, exc)) from None
-    except Exception as exc:  # noqa: BLE001 - a worker process failed: find the refusal in its chain
+    except Exception as exc:  # noqa: BLE001 - an unpickling refusal, maybe raised in a worker process
         cause = exc
         while cause is not None and not isinstance(cause, pickle.UnpicklingError):
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
+        try:  # the converter does not say which file it refused: find it (the same safe loads)
+            check_loadable(src)
+        except CheckpointError as named:
+            raise CheckpointError(f"universal conversion of {src}: {named}") from None
         raise CheckpointError(f"universal conversion of {src}: " + _refusal(src, cause)) from None
 
 

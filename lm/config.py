@@ -266,6 +266,9 @@ class RunConfig:
                f"parallel.activation_checkpointing_blocks must be between 0 (all blocks) and model.n_layers "
                f"({self.model.n_layers}), got {self.parallel.activation_checkpointing_blocks}")
         _check(self.parallel.pipeline_stages >= 1, f"parallel.pipeline_stages must be >= 1, got {self.parallel.pipeline_stages}")
+        _check(not (self.parallel.offload_optimizer and self.parallel.zero_stage == 0),
+               "parallel.offload_optimizer=true needs parallel.zero_stage >= 1 (ZeRO-Offload keeps the partitioned "
+               "optimizer state on the CPU): set parallel.zero_stage=1, 2 or 3, or parallel.offload_optimizer=false")
         _check(self.parallel.zero3_persistence_threshold >= 0,
                f"parallel.zero3_persistence_threshold must be >= 0, got {self.parallel.zero3_persistence_threshold}")
         _check(not (self.parallel.pipeline_stages > 1 and self.parallel.zero_stage > 1),
