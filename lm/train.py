@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from lm.parallel.compile import maybe_compile, set_tf32
 from lm.parallel.deepspeed_config import build_deepspeed_config, use_bf16
 from lm.parallel.dist import all_reduce_codebook_stats, ensure_launcher_env, init_distributed, shutdown_distributed
 from lm.parallel.topology import describe_topology
+from lm.preemption import PreemptionWatcher
 
 log = logging.getLogger("lm.train")
 
@@ -327,22 +327,6 @@ class Trainer:
         return scalars
 
 
-def _install_preemption_handlers(trainer: Trainer) -> dict:
-    """SIGTERM / SIGUSR1 (Slurm's warning signal): finish the current step, save, exit 0."""
-    previous = {}
-
-    def handler(signum, frame):
-        trainer.stop_requested = True
-        log.warning("received signal %d: will save and exit after this step", signum)
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. an embedding application): leave signals alone
-            pass
-    return previous
-
-
 def train(cfg: RunConfig, resume: str | None = None) -> dict:
     """Run training; returns a summary (final step, losses, codebooks) for scripts and tests."""
     run_dir = Path(cfg.train.run_dir)
@@ -372,7 +356,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
                  describe_topology(cfg, trainer.world), "bf16" if use_bf16(cfg.train, trainer.on_gpu) else "fp32")
         log.info("deepspeed config: %s", json.dumps(trainer.ds_config))
 
-    previous_handlers = _install_preemption_handlers(trainer)
+    # SIGTERM / SIGUSR1 / SIGINT or RUN_DIR/SAVE_AND_EXIT: finish the step, save, exit 0 (lm/preemption.py)
+    watcher = PreemptionWatcher(run_dir, lambda why: setattr(trainer, "stop_requested", True), owner=is_rank0)
+    watcher.install()
     losses, preempted, saved_step = [], False, None
     trainer.engine.train()
     last_time = time.perf_counter()
@@ -411,8 +397,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
             f"saving a checkpoint failed ({exc}); nothing was published as 'latest'"
             + (f"; the last good checkpoint is {last[0] / last[1]}" if last else "")) from exc
     finally:
-        for sig, h in previous_handlers.items():
-            signal.signal(sig, h)
+        watcher.uninstall()
         metrics.close()
     return {"step": trainer.step, "consumed_samples": trainer.consumed, "losses": losses, "run_dir": str(run_dir),
             "rank": rank, "preempted": preempted, "nonfinite_events": trainer.nonfinite_events,
