@@ -678,6 +678,10 @@ def to_universal(ckpt_root: Path, tag: str) -> Path:
     out = out_root / tag
     if (out / "done").is_file():
         return out_root
+    if not any(Path(ckpt_root, tag).glob("*optim_states.pt")):
+        raise CheckpointError(f"{Path(ckpt_root) / tag} is a ZeRO-0 checkpoint: it has no ZeRO optimizer shards to "
+                              "convert, and resumes on the same number of processes and pipeline stages only (or "
+                              "export its weights with `python -m lm.checkpoint export`)")
     tmp = out_root / f".tmp-{tag}"
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "lm.checkpoint", "universal-worker", str(Path(ckpt_root) / tag), str(tmp)]

@@ -334,7 +334,10 @@ def _read_yaml_layers(path: Path, seen: tuple) -> dict:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: YAML syntax error: {problem}; fix that line of the file") from None
+        context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and cmark is not None and mark is not None and cmark.line != mark.line:
+            problem += f" ({context} that starts at line {cmark.line + 1})"
+        raise ConfigError(f"{where}: YAML syntax error: {problem}; fix the file there") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not UTF-8 text: give a YAML recipe") from None
     except OSError as exc:
