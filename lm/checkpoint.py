@@ -210,43 +210,48 @@ def save(engine, cfg: RunConfig, ckpt_root: Path, step: int, consumed_samples: i
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted save
     _barrier()
-    state = trainer_state(cfg, step, consumed_samples, world_size, layout=layout, **(extra or {}))
-    engine.save_checkpoint(str(staging), tag=tag, client_state={"step": step, "consumed_samples": consumed_samples},
-                           save_latest=False)
-    _barrier()
-    folder = staging / tag
-    if is_rank0:
-        torch.save(state, folder / STATE_FILE)
-        dump_config(cfg, folder / CONFIG)
-    _barrier()
-    # hash the shards in parallel: rank r hashes every world-th file
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    rank, world = (tdist.get_rank(), tdist.get_world_size()) if _is_dist() else (0, 1)
-    mine = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in files[rank::world]}
-    if _is_dist():
-        parts = [None] * world
-        tdist.all_gather_object(parts, mine)
-        entries = {k: v for part in parts for k, v in part.items()}
-    else:
-        entries = mine
-    if is_rank0:
-        for p in files:
-            fsync_path(p)
-        manifest = {"format": FORMAT, "tag": tag, "step": step, "topology": state["topology"],
-                    "files": dict(sorted(entries.items()))}
-        atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
-        final = ckpt_root / tag
-        if final.exists():  # re-saving the same step: move the old copy away first
-            old = ckpt_root / f".old-{tag}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, final)
-        fsync_path(ckpt_root)
-        atomic_write_bytes(ckpt_root / "latest", tag.encode())
-        shutil.rmtree(staging, ignore_errors=True)
-        prune(ckpt_root, keep_last)
+    try:
+        state = trainer_state(cfg, step, consumed_samples, world_size, layout=layout, **(extra or {}))
+        engine.save_checkpoint(str(staging), tag=tag, client_state={"step": step, "consumed_samples": consumed_samples},
+                               save_latest=False)
+        _barrier()
+        folder = staging / tag
+        if is_rank0:
+            torch.save(state, folder / STATE_FILE)
+            dump_config(cfg, folder / CONFIG)
+        _barrier()
+        # hash the shards in parallel: rank r hashes every world-th file
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        rank, world = (tdist.get_rank(), tdist.get_world_size()) if _is_dist() else (0, 1)
+        mine = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                for p in files[rank::world]}
+        if _is_dist():
+            parts = [None] * world
+            tdist.all_gather_object(parts, mine)
+            entries = {k: v for part in parts for k, v in part.items()}
+        else:
+            entries = mine
+        if is_rank0:
+            for p in files:
+                fsync_path(p)
+            manifest = {"format": FORMAT, "tag": tag, "step": step, "topology": state["topology"],
+                        "files": dict(sorted(entries.items()))}
+            atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+            final = ckpt_root / tag
+            if final.exists():  # re-saving the same step: move the old copy away first
+                old = ckpt_root / f".old-{tag}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, final)
+            fsync_path(ckpt_root)
+            atomic_write_bytes(ckpt_root / "latest", tag.encode())
+            shutil.rmtree(staging, ignore_errors=True)
+            prune(ckpt_root, keep_last)
+    except OSError:  # e.g. a full disk: nothing was published; leave no half-written staging folder
+        if is_rank0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     _barrier()
     return ckpt_root / tag
 

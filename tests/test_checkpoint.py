@@ -152,6 +152,7 @@ def test_full_disk_while_saving_publishes_nothing(tmp_path, cache):
         run_dist(_train, 1, cfg=tiny_cfg(run, cache, "train.max_steps=6", "train.save_every=2"), patch=patch)
     assert checkpoint.read_latest(run / "checkpoints") == "global_step2"
     checkpoint.verify(run / "checkpoints/global_step2")
+    assert not list((run / "checkpoints").glob(".staging-*"))  # the failed save cleaned up after itself
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, cache):
