@@ -95,7 +95,7 @@ ALLOWED_GLOBALS = (
 """Every global besides tensors, storages, dtypes and plain containers that DeepSpeed 0.19 writes into
 the checkpoints lm.train makes: listed with torch.serialization.get_unsafe_globals_in_checkpoint over
 ZeRO-0/1/2/3, pipeline (ZeRO-0/1), fp32 and bf16 checkpoints of both architectures and their universal
-conversions (tests/test_security.py::test_allow_list_covers_every_checkpoint_kind keeps it honest)."""
+conversions (tests/test_security.py::test_allow_list_is_exactly_what_deepspeed_stores keeps it honest)."""
 
 
 @functools.lru_cache(maxsize=1)

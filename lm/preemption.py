@@ -1,9 +1,10 @@
 """Save requests: turn signals and a stop file into "finish the step, save a checkpoint, exit 0".
 
-    watcher = PreemptionWatcher(run_dir, on_request=lambda why: ..., owner=(rank == 0))
-    watcher.install()          # or: with PreemptionWatcher(...) as watcher:
-    ... training loop: stop after the step in which on_request was called ...
-    watcher.uninstall()        # previous signal handlers back; the honoured stop file removed
+    watcher = PreemptionWatcher(run_dir, owner=(rank == 0)).install()   # or: with PreemptionWatcher(...) as w:
+    while training:
+        agreed = step(stop=watcher.requested)   # this rank's request, combined over ranks inside the step
+        if agreed.stop: save(); break           # every rank stops at the same step
+    watcher.uninstall()                          # previous signal handlers back; the honoured stop file removed
 
 A save is requested by
   SIGTERM    what schedulers and `kill` send before killing a job;
@@ -15,10 +16,13 @@ A save is requested by
              script whose ranks are children of torchrun agents under srun (launch/slurm.sbatch).
              Every rank polls it from a background thread every `poll_s` seconds.
 
-`on_request(reason)` is called from the signal handler or the polling thread, so it must only set a
-flag; the trainer reads it once per step (and combines it over ranks, so one rank seeing the request is
-enough). The owner (rank 0) deletes a stop file left over from an earlier run when it starts watching and
-deletes the stop file it honoured when it stops watching.
+`requested` turns true asynchronously (in a signal handler or the polling thread), at different moments
+on different ranks. Read it once per step, as the rank's input to a collective (a sum or max over ranks),
+and decide on the collective's result only: a rank that looked at the flag again after the collective
+could stop alone and leave the others waiting. `on_request(reason)`, if given, is called when a request
+arrives (from the handler or the thread): for logging, never for that decision. The owner (rank 0)
+deletes a stop file left over from an earlier run when it starts watching and deletes the stop file it
+honoured when it stops watching.
 
     python -m lm.preemption path    CONFIG.yaml [key=value ...]   print the stop file of that run
     python -m lm.preemption request CONFIG.yaml [key=value ...]   create it (ask the run to save and exit)

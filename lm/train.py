@@ -357,13 +357,15 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
         log.info("deepspeed config: %s", json.dumps(trainer.ds_config))
 
     # SIGTERM / SIGUSR1 / SIGINT or RUN_DIR/SAVE_AND_EXIT: finish the step, save, exit 0 (lm/preemption.py)
-    watcher = PreemptionWatcher(run_dir, lambda why: setattr(trainer, "stop_requested", True), owner=is_rank0)
+    watcher = PreemptionWatcher(run_dir, owner=is_rank0)
     watcher.install()
     losses, preempted, saved_step = [], False, None
     trainer.engine.train()
     last_time = time.perf_counter()
     try:
         while trainer.step < cfg.train.max_steps:
+            # read once per step: this rank's input to the step's all-reduce; the loop stops on the reduced value
+            trainer.stop_requested = watcher.requested
             scalars = trainer.train_step(sampler)
             step = trainer.step
             now = time.perf_counter()
