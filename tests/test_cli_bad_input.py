@@ -319,7 +319,7 @@ def test_bad_input_is_refused_with_one_clear_message(row, paths):
     assert _hash_tree(paths["run"]) == before, "the existing checkpoint changed"
 
 
-def test_every_cli_and_class_has_rows():
+def test_every_cli_and_launch_script_has_rows():
     clis = {r.cli for r in ROWS}
     assert clis == {"train", "checkpoint", "perplexity", "generate", "encode_corpus", "train_sentencepiece", "sh"}
     scripts = {r.argv[0] for r in ROWS if r.cli == "sh"}

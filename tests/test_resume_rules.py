@@ -75,9 +75,9 @@ def test_all_refusals_are_named_at_once(cfg):
 
 
 def test_global_batch_may_be_split_differently_across_processes(cfg):
-    saved = _with(cfg, train__grad_accum_steps=2)  # 2 processes x micro 4 x accum 2 = 16 ... saved on 1 process: 8
+    saved = _with(cfg, train__grad_accum_steps=2)  # on 1 process: micro 4 x accum 2 = 8 samples per step
     one_proc = _with(cfg, train__grad_accum_steps=1)
-    # 8 samples per step on 1 process -> 8 per step on 2 processes with accum 1: applied
+    # on 2 processes, micro 4 x accum 1 x 2 = 8 samples per step: the same global batch, split differently
     applied = resume_config_changes(saved, one_proc, saved_world=1, current_world=2)
     assert applied == {"train.grad_accum_steps": (2, 1)}
     with pytest.raises(CheckpointError, match=r"global batch 8 -> 4 .*data-parallel processes"):
