@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import signal
 import statistics
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ from lm.optim import StepSchedule
 from lm.parallel.compile import eager_blocks
 from lm.parallel.dist import ensure_launcher_env, init_distributed, shutdown_distributed
 from lm.parallel.topology import describe_topology
+from lm.preemption import PreemptionWatcher
 
 log = logging.getLogger("lm.train")
 
@@ -58,6 +58,8 @@ def parse_args(argv):
     args.overrides = [i for i in args.items if "=" in i]
     if not args.configs:
         p.error("give at least one YAML recipe, e.g. launch/configs/quickstart.yaml")
+    if args.world_size is not None and args.world_size < 1:
+        p.error(f"--world-size must be >= 1, got {args.world_size}")
     return args
 
 
@@ -76,6 +78,7 @@ class Trainer:
         if self.world % self.pp:
             raise ConfigError(f"parallel.pipeline_stages={self.pp} does not divide the {self.world} processes")
         self.ckpt_root = Path(cfg.train.run_dir) / "checkpoints"
+        self._check_run_dir(resume)
         self.resume_plan = self._plan_resume(resume) if resume else None
         # A pipeline checkpoint keeps the pipeline layout (parameter names) even on one stage.
         pipelined = self.pp > 1 or bool(self.resume_plan and self.resume_plan["layout"] == "pipeline")
@@ -84,7 +87,6 @@ class Trainer:
         self.device, self.dp = self.engine.device, self.engine.dp_size
         self.state = LoopState()
         self.nonfinite_events = 0
-        self.stop_requested = False  # set by SIGTERM/SIGUSR1: finish the step, save, exit 0
         self.last_saved = None  # (root, tag) of the newest checkpoint this run can roll back to
         if self.resume_plan:
             self._load(self.resume_plan)
@@ -94,20 +96,35 @@ class Trainer:
         return self.state.step
 
     # -- checkpoints -----------------------------------------------------------------------
-    def _plan_resume(self, resume: str) -> dict | None:
-        """Find and verify the checkpoint on rank 0, decide how to load it, and tell every rank."""
-        plan, error = None, None
+    def _on_rank0(self, fn):
+        """Run fn on rank 0; its ConfigError/CheckpointError is raised on every rank (none waits in a collective)."""
+        box = [None, None]
         if self.rank == 0:
             try:
-                plan = self._find_checkpoint(resume)
+                box[0] = fn()
             except (checkpoint.CheckpointError, ConfigError) as exc:
-                error = str(exc)
-        box = [plan, error]
+                box[1] = (type(exc).__name__, str(exc))
         if tdist.is_initialized() and tdist.get_world_size() > 1:
             tdist.broadcast_object_list(box, src=0)
-        plan, error = box
-        if error:
-            raise checkpoint.CheckpointError(error)
+        if box[1]:
+            kind, message = box[1]
+            raise (ConfigError if kind == "ConfigError" else checkpoint.CheckpointError)(message)
+        return box[0]
+
+    def _check_run_dir(self, resume: str | None) -> None:
+        """Refuse a run dir that is a file, unwritable, or holds another run's checkpoints (unless --resume or
+        train.overwrite=true, which deletes them first)."""
+        def check():
+            if checkpoint.check_run_dir(self.cfg.train.run_dir, resume, self.cfg.train.overwrite):
+                log.warning("train.overwrite=true: deleting the checkpoints in %s", self.ckpt_root)
+                checkpoint.clear_checkpoints(self.cfg.train.run_dir)
+        self._on_rank0(check)
+        if tdist.is_initialized():
+            tdist.barrier()
+
+    def _plan_resume(self, resume: str) -> dict | None:
+        """Find and verify the checkpoint on rank 0, decide how to load it, and tell every rank."""
+        plan = self._on_rank0(lambda: self._find_checkpoint(resume))
         if plan and plan["universal"] and self.rank == 0 and plan.get("convert"):
             checkpoint.to_universal(Path(plan["root"]), plan["tag"])
         if tdist.is_initialized():
@@ -125,8 +142,12 @@ class Trainer:
         else:
             root, tag = checkpoint.resolve_checkpoint(resume)
             checkpoint.verify(root / tag)
-        checkpoint.check_compatible(checkpoint.load_checkpoint_config(root, tag), self.cfg, root / tag)
+        saved_cfg = checkpoint.load_checkpoint_config(root, tag)
+        checkpoint.check_compatible(saved_cfg, self.cfg, root / tag)
         state = checkpoint.load_trainer_state(root, tag)
+        changes = checkpoint.resume_config_changes(saved_cfg, self.cfg, state["topology"]["world_size"], self.world)
+        for key, (old, new) in changes.items():
+            log.info("resume: %s %r -> %r (applied)", key, old, new)
         saved = dict(state["topology"])
         saved.setdefault("layout", "pipeline" if saved["pipeline_stages"] > 1 else "plain")
         layout = "pipeline" if (self.pp > 1 or saved["layout"] == "pipeline") else "plain"
@@ -154,6 +175,7 @@ class Trainer:
 
     def _load(self, plan: dict) -> None:
         checkpoint.load(self.engine.ds, Path(plan["load_root"]), plan["tag"])
+        self.engine.apply_optim_config(self.cfg.optim)  # the loaded optimizer state holds the saved hyperparameters
         state = checkpoint.load_trainer_state(Path(plan["root"]), plan["tag"])
         s = self.state  # mutated in place: the training loop holds the same object
         s.step, s.consumed = state["step"], state["consumed_samples"]
@@ -195,29 +217,14 @@ class Trainer:
             self.state.consumed, self.nonfinite_events = consumed, events_so_far
 
 
-def _install_preemption_handlers(trainer: Trainer) -> dict:
-    """SIGTERM / SIGUSR1 (Slurm's warning signal): finish the current step, save, exit 0."""
-    previous = {}
-
-    def handler(signum, frame):
-        trainer.stop_requested = True
-        log.warning("received signal %d: will save and exit after this step", signum)
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. an embedding application): leave signals alone
-            pass
-    return previous
-
-
 def heldout_tokens(cfg: RunConfig, batches: int) -> torch.Tensor:
     """The first `batches` x micro-batch windows of the validation split (plus one token), for the
     in-training evaluation."""
     valid = load_stream(cfg.data, "valid").tokens
+    if len(valid) < cfg.data.seq_len + 1:
+        raise ConfigError(f"the validation split has {len(valid)} tokens, fewer than one window of data.seq_len + 1 = "
+                          f"{cfg.data.seq_len + 1}: give more validation data or set train.eval_every=0")
     n = min(len(valid), batches * cfg.train.micro_batch_size * cfg.data.seq_len + 1)
-    if n < 2:
-        raise ConfigError(f"the validation split has {len(valid)} tokens: nothing to evaluate; set train.eval_every=0")
     return torch.from_numpy(np.asarray(valid[:n]).astype(np.int64))
 
 
@@ -292,7 +299,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
                  describe_topology(cfg, trainer.world), engine.precision)
         log.info("deepspeed config: %s", json.dumps(engine.ds_config))
 
-    previous_handlers = _install_preemption_handlers(trainer)
+    # SIGTERM / SIGUSR1 / SIGINT or RUN_DIR/SAVE_AND_EXIT: finish the step, save, exit 0 (lm/preemption.py)
+    watcher = PreemptionWatcher(run_dir, owner=is_rank0)
+    watcher.install()
     losses, rates, preempted, saved_step = [], [], False, None
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
@@ -301,8 +310,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
         while not loop.done():
             step = trainer.step + 1
             log_now = step % t.log_every == 0 or step == t.max_steps
-            result = loop.step(stop=trainer.stop_requested, codebook_stats=log_now)
-            trainer.stop_requested = result.stop
+            # this process's request goes into the step's all-reduce; every process stops on the reduced value
+            result = loop.step(stop=watcher.requested, codebook_stats=log_now)
             if result.skipped:
                 trainer.handle_nonfinite(result.nonfinite)
                 scalars = {"train/nonfinite_events": float(trainer.nonfinite_events), "train/skipped": 1.0}
@@ -323,7 +332,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
                 if valid_tokens is not None and step % t.eval_every == 0:
                     scalars.update(evaluate_heldout(engine, cfg, valid_tokens))
             metrics.step(step, scalars, log_scalars=log_now)
-            if trainer.stop_requested:
+            if result.stop:
                 preempted = True
                 break
             if t.save_every and step % t.save_every == 0 and step < t.max_steps:
@@ -339,8 +348,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
             f"saving a checkpoint failed ({exc}); nothing was published as 'latest'"
             + (f"; the last good checkpoint is {last[0] / last[1]}" if last else "")) from exc
     finally:
-        for sig, h in previous_handlers.items():
-            signal.signal(sig, h)
+        watcher.uninstall()
         metrics.close()
     summary = {"step": trainer.step, "consumed_samples": trainer.state.consumed, "losses": losses,
                "run_dir": str(run_dir), "rank": rank, "preempted": preempted, "nonfinite_events": trainer.nonfinite_events,
@@ -381,6 +389,11 @@ def main(argv=None) -> int:
     except (checkpoint.CheckpointError, CheckpointSaveFailed) as exc:
         print(f"checkpoint error: {exc}", file=sys.stderr)
         return 4
+    finally:
+        # a one-process run leaves no process group behind, also after an error (several processes skip this on
+        # errors: a barrier there could wait for a rank that already failed)
+        if tdist.is_initialized() and tdist.get_world_size() == 1:
+            tdist.destroy_process_group()
     return 0
 
 

@@ -115,6 +115,13 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def apply_optim_config(self, optim) -> None:
+        """Betas, eps and weight decay of `optim` (an OptimConfig) into the optimizer, e.g. after a resume loaded
+        the saved ones. The groups are lm.optim.param_groups': decayed matrices first, then the rest."""
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["betas"], group["eps"] = (optim.beta1, optim.beta2), optim.eps
+            group["weight_decay"] = optim.weight_decay if i == 0 else 0.0
+
     def train(self) -> None:
         self.module.train()
 
