@@ -81,9 +81,9 @@ class Trainer:
         self._check_run_dir(resume)
         self.resume_plan = self._plan_resume(resume) if resume else None
         # A pipeline checkpoint keeps the pipeline layout (parameter names) even on one stage.
-        pipelined = self.pp > 1 or bool(self.resume_plan and self.resume_plan["layout"] == "pipeline")
+        pipelined = self.pp > 1 or bool(self.resume_plan and self.resume_plan.layout == "pipeline")
         self.engine = DeepSpeedEngine(cfg, self.world, pipelined=pipelined,
-                                      load_universal=bool(self.resume_plan and self.resume_plan["universal"]))
+                                      load_universal=bool(self.resume_plan and self.resume_plan.universal))
         self.device, self.dp = self.engine.device, self.engine.dp_size
         self.state = LoopState()
         self.nonfinite_events = 0
@@ -122,69 +122,28 @@ class Trainer:
         if tdist.is_initialized():
             tdist.barrier()
 
-    def _plan_resume(self, resume: str) -> dict | None:
-        """Find and verify the checkpoint on rank 0, decide how to load it, and tell every rank."""
-        plan = self._on_rank0(lambda: self._find_checkpoint(resume))
-        if plan and plan["universal"] and self.rank == 0 and plan.get("convert"):
-            checkpoint.to_universal(Path(plan["root"]), plan["tag"])
+    def _plan_resume(self, resume: str) -> checkpoint.ResumePlan | None:
+        """Plan the resume on rank 0 (lm.checkpoint.plan_resume), convert to the universal format there if the
+        plan says so, and give every rank the plan."""
+        plan = self._on_rank0(lambda: checkpoint.plan_resume(self.cfg, resume, self.world))
+        if plan and plan.universal and self.rank == 0:
+            checkpoint.to_universal(plan.root, plan.tag)
         if tdist.is_initialized():
             tdist.barrier()
-        if plan and plan["universal"]:
-            plan["load_root"] = str(Path(plan["root"]) / "universal")
         return plan
 
-    def _find_checkpoint(self, resume: str) -> dict | None:
-        if resume == "auto":
-            root, tag = self.ckpt_root, checkpoint.newest_good(self.ckpt_root)
-            if tag is None:
-                log.info("resume=auto: no complete checkpoint in %s yet, starting fresh", self.ckpt_root)
-                return None
-        else:
-            root, tag = checkpoint.resolve_checkpoint(resume)
-            checkpoint.verify(root / tag)
-        saved_cfg = checkpoint.load_checkpoint_config(root, tag)
-        checkpoint.check_compatible(saved_cfg, self.cfg, root / tag)
-        state = checkpoint.load_trainer_state(root, tag)
-        changes = checkpoint.resume_config_changes(saved_cfg, self.cfg, state["topology"]["world_size"], self.world)
-        for key, (old, new) in changes.items():
-            log.info("resume: %s %r -> %r (applied)", key, old, new)
-        saved = dict(state["topology"])
-        saved.setdefault("layout", "pipeline" if saved["pipeline_stages"] > 1 else "plain")
-        layout = "pipeline" if (self.pp > 1 or saved["layout"] == "pipeline") else "plain"
-        now = {"world_size": self.world, "zero_stage": self.cfg.parallel.zero_stage, "pipeline_stages": self.pp,
-               "layout": layout}
-        if saved["layout"] == "plain" and layout == "pipeline":
-            raise checkpoint.CheckpointError(
-                f"{root / tag} was saved without pipeline parallelism; resume it with parallel.pipeline_stages=1, "
-                f"or export it (`python -m lm.checkpoint export {root / tag} OUT`) and start the pipeline run from that")
-        same = saved == now
-        if not same and saved["zero_stage"] != now["zero_stage"]:
-            raise checkpoint.CheckpointError(
-                f"{root / tag} was saved with ZeRO-{saved['zero_stage']}; resume it with parallel.zero_stage="
-                f"{saved['zero_stage']} (any number of processes), or export the weights with "
-                f"`python -m lm.checkpoint export {root / tag} OUT` and start a new run from them")
-        universal = not same and saved["zero_stage"] >= 1
-        if not same and not universal and saved["pipeline_stages"] != self.pp:
-            raise checkpoint.CheckpointError(
-                f"{root / tag} is a ZeRO-0 pipeline checkpoint ({saved['pipeline_stages']} stages); DeepSpeed can "
-                f"reshard pipelines only from ZeRO >= 1: resume with parallel.pipeline_stages={saved['pipeline_stages']}")
-        log.info("resuming from %s (saved on %s, now %s%s)", root / tag, saved, now,
-                 "; converting to a universal checkpoint" if universal else "")
-        return {"root": str(root), "tag": tag, "load_root": str(root), "universal": universal, "convert": universal,
-                "layout": layout}
-
-    def _load(self, plan: dict) -> None:
-        checkpoint.load(self.engine.ds, Path(plan["load_root"]), plan["tag"])
+    def _load(self, plan: checkpoint.ResumePlan) -> None:
+        checkpoint.load(self.engine.ds, plan.load_root, plan.tag)
         self.engine.apply_optim_config(self.cfg.optim)  # the loaded optimizer state holds the saved hyperparameters
-        state = checkpoint.load_trainer_state(Path(plan["root"]), plan["tag"])
+        state = checkpoint.load_trainer_state(plan.root, plan.tag)
         s = self.state  # mutated in place: the training loop holds the same object
         s.step, s.consumed = state["step"], state["consumed_samples"]
         s.updates, s.elapsed = int(state.get("updates", state["step"])), float(state.get("elapsed_s", 0.0))
         self.nonfinite_events = int(state.get("nonfinite_events", 0))
         checkpoint.restore_rng(state)
-        self.last_saved = (Path(plan["root"]), plan["tag"])
+        self.last_saved = (plan.root, plan.tag)
         if self.rank == 0:
-            log.info("resumed at step %d (%d samples consumed)", self.state.step, self.state.consumed)
+            log.info("resumed at step %d (%d samples consumed)", s.step, s.consumed)
 
     def save(self) -> Path:
         cfg, s = self.cfg, self.state
@@ -213,7 +172,7 @@ class Trainer:
                 return
             root, tag = self.last_saved
             consumed, events_so_far = self.state.consumed, self.nonfinite_events
-            self._load({"root": str(root), "tag": tag, "load_root": str(root), "universal": False, "layout": None})
+            self._load(checkpoint.ResumePlan(root=root, tag=tag, layout="pipeline" if self.engine.pipelined else "plain"))
             self.state.consumed, self.nonfinite_events = consumed, events_so_far
 
 

@@ -127,7 +127,7 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, cache):
     run = tmp_path / "run"
     args = TRAIN_ARGS + [f"train.run_dir={run}", f"data.cache_dir={cache}", "train.max_steps=6", "train.save_every=2"]
     code = f"""
-import os, signal, lm.checkpoint as c
+import os, signal, lm.checkpoint.store as c
 real = c.os.replace
 def replace(src, dst):
     if str(dst).endswith("global_step4"):      # shards written, not yet published
