@@ -93,7 +93,8 @@ def trainer_state(cfg: RunConfig, step: int, consumed_samples: int, world_size: 
         "step": step,
         "consumed_samples": consumed_samples,
         "topology": {"world_size": world_size, "zero_stage": cfg.parallel.zero_stage,
-                     "pipeline_stages": cfg.parallel.pipeline_stages, "layout": layout},
+                     "pipeline_stages": cfg.parallel.pipeline_stages,
+                     "sequence_parallel": cfg.parallel.sequence_parallel, "layout": layout},
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         **extra,
@@ -260,11 +261,49 @@ def check_compatible(saved: RunConfig, current: RunConfig, where: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def load(engine, ckpt_root: Path, tag: str) -> None:
+def load(engine, ckpt_root: Path, tag: str, buffers_from: Optional[Path] = None) -> None:
+    """Load checkpoint `tag` under `ckpt_root` into a DeepSpeed engine (collective). buffers_from: the original
+    checkpoint folder of a universal checkpoint: DeepSpeed's universal loading restores parameters and
+    optimizer state but not the module's buffers (the codebooks), which are copied from there."""
     path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag, load_module_strict=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint {tag} under {ckpt_root}")
     align_optimizer_steps(getattr(engine, "optimizer", None))
+    if buffers_from is not None:
+        restore_buffers(engine.module, saved_module_state(Path(buffers_from)))
+
+
+def saved_module_state(folder: Path) -> dict:
+    """The module state DeepSpeed saved in a checkpoint folder, named as in the engine's module (a plain model,
+    or a PipelineModule whose layer i is submodule "i"). Under ZeRO-3 it holds the buffers but not the weights."""
+    layers = _pipeline_layer_files(folder)
+    if layers:
+        out = {}
+        for p in layers:
+            i = int(re.match(r"layer_(\d+)-", p.name).group(1))
+            out.update({f"{i}.{k}": v for k, v in torch.load(p, map_location="cpu", weights_only=True).items()})
+        return out
+    plain = folder / "mp_rank_00_model_states.pt"
+    if not plain.is_file():  # ZeRO-3: one file per rank, each with every buffer (and empty weights)
+        plain = folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    return torch.load(plain, map_location="cpu", weights_only=True)["module"]
+
+
+@torch.no_grad()
+def restore_buffers(module, state: dict) -> int:
+    """Copy every buffer of `module` that `state` holds (in the buffer's own dtype); CheckpointError when a
+    persistent buffer is missing. Returns the number of buffers restored."""
+    persistent = set(module.state_dict().keys())
+    restored, missing = 0, []
+    for name, buf in module.named_buffers():
+        if name in state:
+            buf.copy_(state[name].to(buf.device, buf.dtype))
+            restored += 1
+        elif name in persistent:
+            missing.append(name)
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} buffer(s) of the model, e.g. {missing[0]}")
+    return restored
 
 
 def _torch_optimizers(opt):

@@ -153,7 +153,8 @@ class Trainer:
                 "layout": layout}
 
     def _load(self, plan: dict) -> None:
-        checkpoint.load(self.engine.ds, Path(plan["load_root"]), plan["tag"])
+        checkpoint.load(self.engine.ds, Path(plan["load_root"]), plan["tag"],
+                        buffers_from=Path(plan["root"]) / plan["tag"] if plan["universal"] else None)
         state = checkpoint.load_trainer_state(Path(plan["root"]), plan["tag"])
         s = self.state  # mutated in place: the training loop holds the same object
         s.step, s.consumed = state["step"], state["consumed_samples"]
