@@ -110,13 +110,13 @@ def _tensorboard(out_dir: Path, tag: str, context: int, arch: str):
 
 
 def run_race(args) -> dict:
+    loaded = {r: load_config(r, overrides=args.overrides) for r in args.recipes}  # bad input: refused before any setup
     if args.engine == "deepspeed":
         from lm.parallel.dist import ensure_launcher_env, init_distributed
 
         ensure_launcher_env()
         init_distributed()
     device = pick_device(args.device)
-    loaded = {r: load_config(r, overrides=args.overrides) for r in args.recipes}
     arms = arms_by_arch(loaded)
     params = {a: count_params(c) for a, c in arms.items()}
     print("parameters: " + ", ".join(f"{a} {n:,}" for a, n in params.items()), flush=True)

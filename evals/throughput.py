@@ -82,6 +82,7 @@ def parse_args(argv):
 
 
 def run_benchmark(args) -> list[dict]:
+    loaded = {r: load_config(r, overrides=args.overrides) for r in args.recipes}  # bad input: refused before any setup
     if args.engine == "deepspeed":
         from lm.parallel.dist import ensure_launcher_env, init_distributed
 
@@ -90,7 +91,6 @@ def run_benchmark(args) -> list[dict]:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     else:
         device = pick_device(args.device)
-    loaded = {r: load_config(r, overrides=args.overrides) for r in args.recipes}
     arms = tp.arms_by_arch(loaded)
     params = {a: tp.count_params(c) for a, c in arms.items()}
     print("parameters: " + ", ".join(f"{a} {n:,}" for a, n in params.items()), flush=True)
