@@ -3,7 +3,9 @@
     python -m lm.train CONFIG.yaml [MORE.yaml ...] [dotted.key=value ...] [--resume auto|PATH] [--dry-run]
 
 Works as a plain process (one CPU or GPU), under torchrun/srun, and under the `deepspeed` launcher.
-Topology: data parallel x pipeline (`parallel.pipeline_stages`), ZeRO stage `parallel.zero_stage`.
+Topology: the mesh world = DP x SP x PP (lm.parallel.topology): data parallel, sequence parallel
+(`parallel.sequence_parallel`: each sequence split into that many segments on consecutive ranks) and
+pipeline (`parallel.pipeline_stages`), ZeRO stage `parallel.zero_stage` over the DP x SP replicas.
 The step itself is lm.engine's (the same code the benchmark times): this module builds the engine, plans
 resumes, runs the loop with its checkpoints, evaluations, preemption and non-finite-loss policy, and logs.
 """
@@ -31,7 +33,8 @@ from lm.metrics import MetricsLogger, attention_mass_scalars, flops_per_token, p
 from lm.optim import StepSchedule
 from lm.parallel.compile import eager_blocks
 from lm.parallel.dist import ensure_launcher_env, init_distributed, shutdown_distributed
-from lm.parallel.topology import describe_topology
+from lm.parallel.sequence import exchange_bytes
+from lm.parallel.topology import describe_topology, mesh_shape
 from lm.preemption import PreemptionWatcher
 
 log = logging.getLogger("lm.train")
@@ -71,12 +74,7 @@ class Trainer:
         ensure_launcher_env()
         init_distributed()
         self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        self.pp = cfg.parallel.pipeline_stages
-        if cfg.parallel.sequence_parallel > 1:
-            raise ConfigError("parallel.sequence_parallel > 1 is not supported by lm.train yet (the model and its "
-                              "exchanges are, lm.parallel.sequence): set parallel.sequence_parallel=1")
-        if self.world % self.pp:
-            raise ConfigError(f"parallel.pipeline_stages={self.pp} does not divide the {self.world} processes")
+        self.dp, self.sp, self.pp = mesh_shape(self.world, cfg)  # ConfigError naming the keys if it does not divide
         self.ckpt_root = Path(cfg.train.run_dir) / "checkpoints"
         self._check_run_dir(resume)
         self.resume_plan = self._plan_resume(resume) if resume else None
@@ -84,7 +82,7 @@ class Trainer:
         pipelined = self.pp > 1 or bool(self.resume_plan and self.resume_plan.layout == "pipeline")
         self.engine = DeepSpeedEngine(cfg, self.world, pipelined=pipelined,
                                       load_universal=bool(self.resume_plan and self.resume_plan.universal))
-        self.device, self.dp = self.engine.device, self.engine.dp_size
+        self.device = self.engine.device
         self.state = LoopState()
         self.nonfinite_events = 0
         self.last_saved = None  # (root, tag) of the newest checkpoint this run can roll back to
@@ -133,7 +131,8 @@ class Trainer:
         return plan
 
     def _load(self, plan: checkpoint.ResumePlan) -> None:
-        checkpoint.load(self.engine.ds, plan.load_root, plan.tag)
+        # a universal checkpoint restores no module buffers (the codebooks): they come from the original folder
+        checkpoint.load(self.engine.ds, plan.load_root, plan.tag, buffers_from=plan.root / plan.tag if plan.universal else None)
         self.engine.apply_optim_config(self.cfg.optim)  # the loaded optimizer state holds the saved hyperparameters
         state = checkpoint.load_trainer_state(plan.root, plan.tag)
         s = self.state  # mutated in place: the training loop holds the same object
@@ -188,14 +187,17 @@ def heldout_tokens(cfg: RunConfig, batches: int) -> torch.Tensor:
 
 
 def evaluate_heldout(engine, cfg: RunConfig, tokens: torch.Tensor) -> dict:
-    """valid/loss and valid/bpb (disjoint windows of data.seq_len), plus the attention-mass split."""
+    """valid/loss and valid/bpb (disjoint windows of data.seq_len; under sequence parallelism split over the SP
+    group as in training), plus the attention-mass split (one process per sequence only: it needs the whole
+    window's attention inputs on one rank)."""
     model = engine.module
     with eval_mode(model), eager_blocks(model):  # evaluation shapes must not trigger recompiles
         result = score(model, tokens, mode="disjoint", context=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size,
-                       device=engine.device, autocast=engine.autocast)
+                       device=engine.device, autocast=engine.autocast, sp=engine.sp)
         scalars = {"valid/loss": result.loss, "valid/bpb": result.loss / math.log(2)}
-        with torch.no_grad(), engine.autocast():
-            scalars.update(attention_mass_scalars(model, tokens[: cfg.data.seq_len][None].to(engine.device)))
+        if engine.sp is None:
+            with torch.no_grad(), engine.autocast():
+                scalars.update(attention_mass_scalars(model, tokens[: cfg.data.seq_len][None].to(engine.device)))
     return scalars
 
 
@@ -247,15 +249,26 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
     loop = TrainLoop(engine, sampler, StepSchedule(cfg.optim, t.max_steps), micro_batch_size=t.micro_batch_size,
                      grad_accum_steps=t.grad_accum_steps, loss_chunk_tokens=t.loss_chunk_tokens,
                      max_steps=t.max_steps, state=trainer.state)
-    tokens_per_step = loop.samples_per_step * cfg.data.seq_len
+    tokens_per_step = loop.tokens_per_step(cfg.data.seq_len)  # the whole mesh's, each token once
     fpt = flops_per_token(cfg.model, engine.n_params, cfg.data.seq_len)
     peak = peak_flops(torch.cuda.get_device_name()) if engine.device.type == "cuda" else None
     metrics = MetricsLogger(run_dir, enabled=is_rank0, total_steps=t.max_steps, start_step=trainer.step,
                             progress_bar=t.progress_bar)
     metrics.text("config/deepspeed", json.dumps(engine.ds_config, indent=1))
+    exchange = None
+    if trainer.sp > 1:  # what one SP rank receives per layer per optimizer step (forward + backward)
+        act = torch.float32 if engine.precision == "fp32" else torch.bfloat16
+        exchange = exchange_bytes(cfg.model, t.micro_batch_size, trainer.sp, cfg.data.seq_len, act)
+        exchange = {"per_layer_per_step": exchange["per_layer"] * t.grad_accum_steps,
+                    "parts_per_micro_batch": exchange["parts"]}
     if is_rank0:
         log.info("model %s: %.2fM parameters; %s; precision %s", cfg.model.arch, engine.n_params / 1e6,
                  describe_topology(cfg, trainer.world), engine.precision)
+        if exchange:
+            log.info("sequence parallel: %d segments of %d tokens per sequence; each rank receives %.2f MiB per layer "
+                     "per step (%s per micro-batch)", trainer.sp, cfg.data.seq_len // trainer.sp,
+                     exchange["per_layer_per_step"] / 2**20,
+                     ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in exchange["parts_per_micro_batch"].items()))
         log.info("deepspeed config: %s", json.dumps(engine.ds_config))
 
     # SIGTERM / SIGUSR1 / SIGINT or RUN_DIR/SAVE_AND_EXIT: finish the step, save, exit 0 (lm/preemption.py)
@@ -312,7 +325,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
     summary = {"step": trainer.step, "consumed_samples": trainer.state.consumed, "losses": losses,
                "run_dir": str(run_dir), "rank": rank, "preempted": preempted, "nonfinite_events": trainer.nonfinite_events,
                "codebooks": {i: vq.c_sum.detach().cpu().clone() for i, vq in engine.quantizers}}
-    report = {"world_size": trainer.world, "steps": trainer.step, "tokens_per_step": tokens_per_step,
+    report = {"world_size": trainer.world, "data_parallel": trainer.dp, "sequence_parallel": trainer.sp,
+              "pipeline_stages": trainer.pp, "exchange_bytes_per_layer_per_step": exchange and exchange["per_layer_per_step"],
+              "steps": trainer.step, "tokens_per_step": tokens_per_step,
               "tokens_per_s": _steady_rate(rates), "tokens_per_s_per_gpu": (_steady_rate(rates) or 0) / trainer.world or None,
               "peak_mem_gib": torch.cuda.max_memory_allocated(engine.device) / 2**30 if engine.device.type == "cuda" else None,
               "final_loss": losses[-1] if losses else None, "precision": engine.precision, "params": engine.n_params,

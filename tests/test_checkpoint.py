@@ -65,7 +65,16 @@ def test_resume_on_another_number_of_processes(tmp_path, cache, reference, saved
                        resume="auto")
     for r in resumed:  # optimizer state survived the resharding: the next steps match the straight run
         torch.testing.assert_close(r["losses"], reference[2]["losses"][3:], rtol=2e-5, atol=2e-5)
+        assert_same_codebooks(r, reference[2])  # buffers too (universal loading restores parameters only)
     assert (run / "checkpoints/universal/global_step3/done").is_file()
+
+
+def assert_same_codebooks(result: dict, reference: dict) -> None:
+    """Codebooks at the end of a resumed run equal the uninterrupted run's (a codebook reset at the resume
+    would show here long before it shows in the loss of a fresh tiny model)."""
+    assert result["codebooks"].keys() == reference["codebooks"].keys()
+    for layer, cb in result["codebooks"].items():
+        torch.testing.assert_close(cb, reference["codebooks"][layer], rtol=2e-5, atol=2e-5)
 
 
 def test_pipeline_checkpoint_resumes_on_one_stage(tmp_path, cache, reference):
@@ -75,6 +84,7 @@ def test_pipeline_checkpoint_resumes_on_one_stage(tmp_path, cache, reference):
     crash_after_step3(run)
     (r,) = run_dist(_train, 1, cfg=cfg_for(run, cache, "train.grad_accum_steps=2", "parallel.zero_stage=1"), resume="auto")
     torch.testing.assert_close(r["losses"], reference[1]["losses"][3:], rtol=2e-5, atol=2e-5)
+    assert_same_codebooks(r, reference[1])
 
 
 def test_zero_stage_change_is_refused_with_the_fix(tmp_path, cache):

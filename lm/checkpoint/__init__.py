@@ -35,8 +35,8 @@ from lm.checkpoint.common import (CONFIG, FORMAT, MANIFEST, STATE_FILE, TAG_RE, 
                                   sha256_file, tag_for)
 from lm.checkpoint.safety import ALLOWED_GLOBALS, SafeCheckpointEngine, allowed_globals, check_loadable, safe_load
 from lm.checkpoint.store import (align_optimizer_steps, load, load_checkpoint_config, load_trainer_state, newest_good,
-                                 prune, read_latest, read_manifest, resolve_checkpoint, restore_rng, save,
-                                 trainer_state, verify)
+                                 prune, read_latest, read_manifest, resolve_checkpoint, restore_buffers, restore_rng,
+                                 save, saved_module_state, trainer_state, verify)
 from lm.checkpoint.resume import (APPLY, REFUSE, RESUME_RULES, ResumePlan, check_compatible, check_run_dir,
                                   clear_checkpoints, plan_resume, resume_config_changes)
 from lm.checkpoint.universal import to_universal
@@ -47,7 +47,7 @@ __all__ = [
     "CONFIG", "FORMAT", "MANIFEST", "STATE_FILE", "TAG_RE", "CheckpointError", "list_tags", "sha256_file", "tag_for",
     "ALLOWED_GLOBALS", "SafeCheckpointEngine", "allowed_globals", "check_loadable", "safe_load",
     "align_optimizer_steps", "load", "load_checkpoint_config", "load_trainer_state", "newest_good", "prune",
-    "read_latest", "read_manifest", "resolve_checkpoint", "restore_rng", "save", "trainer_state", "verify",
+    "read_latest", "read_manifest", "resolve_checkpoint", "restore_buffers", "restore_rng", "saved_module_state", "save", "trainer_state", "verify",
     "APPLY", "REFUSE", "RESUME_RULES", "ResumePlan", "check_compatible", "check_run_dir", "clear_checkpoints",
     "plan_resume", "resume_config_changes", "to_universal", "export", "load_module_state", "main",
 ]

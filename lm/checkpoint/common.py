@@ -43,3 +43,8 @@ def is_distributed() -> bool:
 def barrier() -> None:
     if is_distributed():
         tdist.barrier()
+
+
+def pipeline_layer_files(folder: Path) -> list[Path]:
+    """A pipeline checkpoint's per-layer model files (layer_00 = embedding, then the blocks, then the norm)."""
+    return sorted(Path(folder).glob("layer_*-model_states.pt"))

@@ -7,14 +7,10 @@ import re
 from pathlib import Path
 import os
 
-from lm.checkpoint.common import CONFIG, CheckpointError
+from lm.checkpoint.common import CONFIG, CheckpointError, pipeline_layer_files
 from lm.checkpoint.safety import check_loadable, safe_load
 from lm.checkpoint.store import load_checkpoint_config, resolve_checkpoint, verify
 from lm.config import dump_config
-
-
-def pipeline_layer_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("layer_*-model_states.pt"))
 
 
 def load_module_state(root: Path, tag: str) -> dict:

@@ -271,8 +271,10 @@ def plan_resume(cfg: RunConfig, resume: str, world_size: int) -> Optional[Resume
     changes = resume_config_changes(saved_cfg, cfg, state["topology"]["world_size"], world_size)
     saved = dict(state["topology"])
     saved.setdefault("layout", "pipeline" if saved["pipeline_stages"] > 1 else "plain")
+    saved.setdefault("sequence_parallel", 1)
     layout = "pipeline" if (pp > 1 or saved["layout"] == "pipeline") else "plain"
-    now = {"world_size": world_size, "zero_stage": cfg.parallel.zero_stage, "pipeline_stages": pp, "layout": layout}
+    now = {"world_size": world_size, "zero_stage": cfg.parallel.zero_stage, "pipeline_stages": pp,
+           "sequence_parallel": cfg.parallel.sequence_parallel, "layout": layout}
     if saved["layout"] == "plain" and layout == "pipeline":
         raise CheckpointError(
             f"{where} was saved without pipeline parallelism; resume it with parallel.pipeline_stages=1, "

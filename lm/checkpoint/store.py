@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -14,7 +15,7 @@ import torch.distributed as tdist
 import yaml
 
 from lm.checkpoint.common import (CONFIG, FORMAT, MANIFEST, STATE_FILE, TAG_RE, CheckpointError, barrier,
-                                      is_distributed, list_tags, sha256_file, tag_for)
+                                      is_distributed, list_tags, pipeline_layer_files, sha256_file, tag_for)
 from lm.checkpoint.safety import SafeCheckpointEngine, check_loadable, safe_load
 from lm.config import ConfigError, RunConfig, config_from_dict, dump_config
 from lm.fileio import atomic_write_bytes, fsync_path
@@ -29,7 +30,8 @@ def trainer_state(cfg: RunConfig, step: int, consumed_samples: int, world_size: 
         "step": step,
         "consumed_samples": consumed_samples,
         "topology": {"world_size": world_size, "zero_stage": cfg.parallel.zero_stage,
-                     "pipeline_stages": cfg.parallel.pipeline_stages, "layout": layout},
+                     "pipeline_stages": cfg.parallel.pipeline_stages,
+                     "sequence_parallel": cfg.parallel.sequence_parallel, "layout": layout},
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         **extra,
@@ -236,12 +238,14 @@ def load_trainer_state(root: Path, tag: str) -> dict:
     return state
 
 
-def load(engine, ckpt_root: Path, tag: str) -> None:
+def load(engine, ckpt_root: Path, tag: str, buffers_from: Optional[Path] = None) -> None:
     """Load a checkpoint into a DeepSpeed engine (every rank), unpickling nothing beyond ALLOWED_GLOBALS.
 
     DeepSpeed reads its model and optimizer shards through the engine's checkpoint engine, which is a
     SafeCheckpointEngine for the duration of the call. A universal checkpoint's files are opened by
-    DeepSpeed's own torch.load, so they are all checked with `check_loadable` first."""
+    DeepSpeed's own torch.load, so they are all checked with `check_loadable` first. buffers_from: the original
+    checkpoint folder of a universal checkpoint: DeepSpeed's universal loading restores parameters and optimizer
+    state but not the module's buffers (the codebooks), which are copied from there."""
     folder = Path(ckpt_root) / tag
     if engine.load_universal_checkpoint():
         check_loadable(folder)
@@ -254,6 +258,42 @@ def load(engine, ckpt_root: Path, tag: str) -> None:
     if path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint {tag} under {ckpt_root}")
     align_optimizer_steps(getattr(engine, "optimizer", None))
+    if buffers_from is not None:
+        restore_buffers(engine.module, saved_module_state(Path(buffers_from)))
+
+
+def saved_module_state(folder: Path) -> dict:
+    """The module state DeepSpeed saved in a checkpoint folder, named as in the engine's module (a plain model,
+    or a PipelineModule whose layer i is submodule "i"), loaded the safe way. Under ZeRO-3 it holds the buffers
+    but not the weights."""
+    layers = pipeline_layer_files(folder)
+    if layers:
+        out = {}
+        for p in layers:
+            i = int(re.match(r"layer_(\d+)-", p.name).group(1))
+            out.update({f"{i}.{k}": v for k, v in safe_load(p).items()})
+        return out
+    plain = folder / "mp_rank_00_model_states.pt"
+    if not plain.is_file():  # ZeRO-3: one file per rank, each with every buffer (and empty weights)
+        plain = folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    return safe_load(plain)["module"]
+
+
+@torch.no_grad()
+def restore_buffers(module, state: dict) -> int:
+    """Copy every buffer of `module` that `state` holds (in the buffer's own dtype); CheckpointError when a
+    persistent buffer is missing. Returns the number of buffers restored."""
+    persistent = set(module.state_dict().keys())
+    restored, missing = 0, []
+    for name, buf in module.named_buffers():
+        if name in state:
+            buf.copy_(state[name].to(buf.device, buf.dtype))
+            restored += 1
+        elif name in persistent:
+            missing.append(name)
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} buffer(s) of the model, e.g. {missing[0]}")
+    return restored
 
 
 def _torch_optimizers(opt):
