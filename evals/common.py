@@ -13,14 +13,28 @@ import torch
 import yaml
 
 from lm import checkpoint
-from lm.config import RunConfig, config_from_dict
+from lm.config import ConfigError, RunConfig, config_from_dict
 from lm.model import build_model
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """'auto' (CUDA when available, else the CPU), 'cpu', 'cuda' or 'cuda:N'; ValueError naming --device
+    for anything else or for a GPU this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name!r}: only cpu and cuda devices are supported; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -33,9 +47,21 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def _load_export(folder: Path) -> tuple[RunConfig, dict]:
     from safetensors.torch import load_file
 
-    with open(folder / "config.yaml") as f:
-        cfg = config_from_dict(yaml.safe_load(f))
-    return cfg, load_file(str(folder / "model.safetensors"))
+    path = folder / "config.yaml"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        cfg = config_from_dict(data if data is not None else {})
+    except FileNotFoundError:
+        raise checkpoint.CheckpointError(f"{path} missing: an export holds model.safetensors and config.yaml") from None
+    except (yaml.YAMLError, UnicodeDecodeError, ConfigError) as exc:
+        raise checkpoint.CheckpointError(f"{path} is not a valid run config ({str(exc).splitlines()[0]}): the export "
+                                         "is corrupt or was modified") from None
+    try:
+        return cfg, load_file(str(folder / "model.safetensors"))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a corrupt file
+        raise checkpoint.CheckpointError(f"{folder / 'model.safetensors'} cannot be read ({exc}): the export is "
+                                         "corrupt") from None
 
 
 def load_for_eval(path: str | os.PathLike, device: torch.device, untrained: bool = False):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import time
 from typing import Optional, Sequence, Union
@@ -35,9 +36,14 @@ from evals.common import load_for_eval, pick_device
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
                 generator: Optional[torch.Generator] = None) -> Tensor:
-    """Next token ids (B,) from last-position logits (B, V). temperature <= 0 means argmax."""
+    """Next token ids (B,) from last-position logits (B, V). temperature 0 means argmax; top_k keeps the
+    k most likely tokens (None: all). ValueError for a negative or non-finite temperature or top_k < 1."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (None = the whole vocabulary), got {top_k}")
     logits = logits.float()
-    if temperature <= 0:
+    if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k is not None and 0 < top_k < logits.shape[-1]:
@@ -147,7 +153,14 @@ def parse_args(argv):
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--untrained", action="store_true", help="sample a freshly initialised model of the same config")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        p.error(f"argument --temperature: {args.temperature} is not a number >= 0 (0 = greedy decoding)")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"argument --top-k: {args.top_k} is not >= 1 (leave --top-k out to sample from the whole vocabulary)")
+    if args.max_new_tokens < 0:
+        p.error(f"argument --max-new-tokens: {args.max_new_tokens} is not >= 0")
+    return args
 
 
 def run(args) -> dict:

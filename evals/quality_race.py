@@ -46,6 +46,7 @@ from lm.bench.throughput import ParamMismatchError, arms_by_arch, check_param_ma
 from lm.config import ConfigError, load_config, to_dict
 from lm.data import load_stream
 from lm.optim import TimeSchedule
+from lm.parallel.dist import distributed
 
 DEFAULT_RECIPES = ["launch/configs/longvq_40m.yaml", "launch/configs/transformer_40m.yaml"]
 
@@ -110,11 +111,6 @@ def _tensorboard(out_dir: Path, tag: str, context: int, arch: str):
 
 
 def run_race(args) -> dict:
-    if args.engine == "deepspeed":
-        from lm.parallel.dist import ensure_launcher_env, init_distributed
-
-        ensure_launcher_env()
-        init_distributed()
     device = pick_device(args.device)
     loaded = {r: load_config(r, overrides=args.overrides) for r in args.recipes}
     arms = arms_by_arch(loaded)
@@ -188,7 +184,8 @@ def main(argv=None) -> int:
             result = merge(args.merge, args.tag)
             paths = write_outputs(result, Path(args.out_dir), args.tag)
         else:
-            result = run_race(args)
+            with (distributed() if args.engine == "deepspeed" else contextlib.nullcontext()):
+                result = run_race(args)
             paths = {ext: Path(args.out_dir) / f"quality_{result['meta']['tag']}.{ext}" for ext in ("json", "md", "png")}
     except (ParamMismatchError, ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -25,6 +25,7 @@ Outputs, rewritten after every row: OUT_DIR/throughput_TAG.json (the rows), .md 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib.util
 import json
@@ -38,6 +39,7 @@ from evals.common import pick_device
 from lm.bench import throughput as tp
 from lm.bench.report import throughput_markdown, throughput_plot
 from lm.config import ConfigError, load_config
+from lm.parallel.dist import distributed
 from lm.ops import sdpa
 
 DEFAULT_RECIPES = ["launch/configs/longvq_125m.yaml", "launch/configs/transformer_125m.yaml"]
@@ -82,11 +84,7 @@ def parse_args(argv):
 
 
 def run_benchmark(args) -> list[dict]:
-    if args.engine == "deepspeed":
-        from lm.parallel.dist import ensure_launcher_env, init_distributed
-
-        ensure_launcher_env()
-        init_distributed()
+    if args.engine == "deepspeed":  # the process's GPU (the process group is set up by main)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     else:
         device = pick_device(args.device)
@@ -166,7 +164,8 @@ def run_benchmark(args) -> list[dict]:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        rows = run_benchmark(args)
+        with (distributed() if args.engine == "deepspeed" else contextlib.nullcontext()):
+            rows = run_benchmark(args)
     except (tp.ParamMismatchError, ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

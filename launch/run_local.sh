@@ -4,11 +4,11 @@
 #   LAUNCHER=torchrun NPROC=8 bash launch/run_local.sh ...        (torchrun instead of deepspeed)
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
-NPROC=${NPROC:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c GPU || true)}
-[ "${NPROC:-0}" -ge 1 ] || NPROC=1
+resolve_nproc
+check_port MASTER_PORT
 PORT=${MASTER_PORT:-29500}
 case "${LAUNCHER:-deepspeed}" in
   deepspeed) exec "$BIN/deepspeed" --num_gpus "$NPROC" --master_port "$PORT" --module lm.train "$@" ;;
   torchrun)  exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m lm.train "$@" ;;
-  *) echo "LAUNCHER must be deepspeed or torchrun" >&2; exit 2 ;;
+  *) echo "LAUNCHER=${LAUNCHER}: must be deepspeed or torchrun" >&2; exit 2 ;;
 esac

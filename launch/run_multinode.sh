@@ -5,7 +5,8 @@
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 HOSTFILE=${HOSTFILE:-launch/hostfile}
-[ -f "$HOSTFILE" ] || { echo "hostfile $HOSTFILE not found: copy launch/hostfile.example and list your nodes" >&2; exit 2; }
+[ -f "$HOSTFILE" ] || { echo "HOSTFILE=$HOSTFILE not found: copy launch/hostfile.example and list your nodes" >&2; exit 2; }
+check_port MASTER_PORT
 MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}
 exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
   --module lm.train "$@"

@@ -6,8 +6,10 @@
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 NNODES=${NNODES:-${SLURM_NNODES:-1}}
-NPROC=${NPROC:-${SLURM_GPUS_ON_NODE:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c GPU || true)}}
-[ "${NPROC:-0}" -ge 1 ] || NPROC=1
+require_count NNODES "nodes taking part"
+if [ -z "${NPROC+x}" ] && [ "${SLURM_GPUS_ON_NODE:-0}" != 0 ]; then NPROC=$SLURM_GPUS_ON_NODE; fi
+resolve_nproc
+check_port MASTER_PORT
 MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null | head -n1 || true)}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-longvq}}

@@ -136,16 +136,23 @@ class LongVQConfig:
         return tokens * self.n_heads * (2 * self.chunk_size + self.codebook_size) * 4
 
     def validate(self, d_model: int) -> None:
-        _check(self.chunk_size >= 1, "model.longvq.chunk_size must be >= 1")
-        _check(self.codebook_size >= 2, "model.longvq.codebook_size must be >= 2")
+        _check(self.chunk_size >= 1, f"model.longvq.chunk_size must be >= 1, got {self.chunk_size}")
+        _check(self.codebook_size >= 2, f"model.longvq.codebook_size must be >= 2, got {self.codebook_size}")
+        _positive("model.longvq.n_heads", self.n_heads)
+        _positive("model.longvq.z_dim", self.z_dim)
+        _positive("model.longvq.ema_dim", self.ema_dim)
+        hidden = self.resolved(d_model).hidden_dim
+        _positive("model.longvq.hidden_dim", hidden)
         _check(self.z_dim % self.n_heads == 0,
                f"model.longvq.z_dim={self.z_dim} must be divisible by model.longvq.n_heads={self.n_heads}")
-        hidden = self.resolved(d_model).hidden_dim
         _check(hidden % self.n_heads == 0,
                f"model.longvq.hidden_dim={hidden} must be divisible by model.longvq.n_heads={self.n_heads}")
-        _check(0.0 < self.codebook_decay < 1.0, "model.longvq.codebook_decay must be in (0, 1)")
-        for key in ("attention_dropout", "hidden_dropout"):
-            _check(0.0 <= getattr(self, key) < 1.0, f"model.longvq.{key} must be in [0, 1)")
+        _check(0.0 < self.codebook_decay < 1.0, f"model.longvq.codebook_decay must be in (0, 1), got {self.codebook_decay}")
+        _check(self.commit_beta >= 0, f"model.longvq.commit_beta must be >= 0, got {self.commit_beta}")
+        _check(self.dead_code_threshold >= 0,
+               f"model.longvq.dead_code_threshold must be >= 0 (0 = off), got {self.dead_code_threshold}")
+        _probability("model.longvq.attention_dropout", self.attention_dropout)
+        _probability("model.longvq.hidden_dropout", self.hidden_dropout)
 
     def validate_sequence_parallel(self, sp: int, seq_len: int) -> None:
         """Segments of seq_len / sp tokens hold whole chunks; the dense oracle keeps no constant-size state."""
@@ -195,9 +202,11 @@ class TransformerConfig:
         return tokens * d_model * 4
 
     def validate(self, d_model: int) -> None:
+        _positive("model.transformer.n_heads", self.n_heads)
         _check(d_model % self.n_heads == 0,
                f"model.d_model={d_model} must be divisible by model.transformer.n_heads={self.n_heads}")
         _check((d_model // self.n_heads) % 2 == 0, "RoPE needs an even head dim: change model.transformer.n_heads")
+        _check(self.rope_base > 0, f"model.transformer.rope_base must be > 0, got {self.rope_base}")
 
     def validate_sequence_parallel(self, sp: int, seq_len: int) -> None:
         """Ulysses: every rank holds seq_len / sp tokens, then whole heads."""
@@ -253,9 +262,13 @@ class ModelConfig:
         return 6.0 * n_params + 6.0 * self.n_layers * H * self.mixer.mean_keys_per_query(context) * (dk + dv)
 
     def validate(self) -> None:
-        _check(self.d_model > 0 and self.n_layers > 0 and self.vocab_size > 1,
-               "model.d_model/n_layers/vocab_size must be positive")
-        _check(self.ffn_dim > 0, f"model.ffn_dim must be positive (or null for the default), got {self.ffn_dim}")
+        _positive("model.d_model", self.d_model)
+        _positive("model.n_layers", self.n_layers)
+        _check(self.vocab_size >= 2, f"model.vocab_size must be >= 2, got {self.vocab_size}")
+        _positive("model.ffn_dim", self.ffn_dim)
+        _probability("model.dropout", self.dropout)
+        _check(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}")
+        _check(self.init_std > 0, f"model.init_std must be > 0, got {self.init_std}")
         self.mixer.validate(self.d_model)
 
 
@@ -292,23 +305,31 @@ class OptimConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     run_dir: str = "runs/default"
+    """Where checkpoints, config.yaml and TensorBoard logs go."""
+    overwrite: bool = False
+    """Start a new run (no --resume) in a train.run_dir that already holds checkpoints: its checkpoints
+    folder is deleted first. Without it such a run is refused, since its saves would replace the old
+    run's checkpoints and repoint `latest`; use --resume auto to continue the old run instead."""
     max_steps: int = 100
     """Optimizer steps."""
     micro_batch_size: int = 8
     """Sequences per process per forward/backward."""
     grad_accum_steps: int = 1
     seed: int = 1234
+    """Initialisation and data order (>= 0)."""
     precision: Literal["auto", "fp32", "bf16", "bf16-mixed"] = "auto"
     """fp32; bf16 = bf16 weights and activations with fp32 master weights in the optimizer; bf16-mixed = fp32
     weights under bf16 autocast. auto = fp32 on CPU, the faster bf16 mode on GPU (lm.engine.GPU_DEFAULT_PRECISION)."""
     log_every: int = 10
+    """Print and log the training scalars every N steps (>= 1)."""
     save_every: int = 0
     """Save a checkpoint every N optimizer steps (0 = only at the end)."""
     keep_last: int = 3
-    """Checkpoints to keep (older ones are deleted after a successful save)."""
+    """Checkpoints to keep (older ones are deleted after a successful save; 0 = keep all)."""
     eval_every: int = 0
     """Held-out loss every N steps (0 = never during training)."""
     eval_batches: int = 8
+    """Held-out batches (of micro_batch_size windows) per evaluation (>= 1)."""
     progress_bar: bool = True
     compile: bool = False
     """torch.compile each block (fuses the element-wise work; measure first with evals.throughput --compile)."""
@@ -354,29 +375,53 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
-        """Cross-field checks; every message names the key to change."""
+        """Every value range and cross-field rule; each message names the key, the value and the fix."""
         self.model.validate()
-        _check(self.data.seq_len >= 1, "data.seq_len must be >= 1")
-        _check(self.train.micro_batch_size >= 1 and self.train.grad_accum_steps >= 1,
-               "train.micro_batch_size and train.grad_accum_steps must be >= 1")
-        _check(self.train.max_steps >= 0, "train.max_steps must be >= 0")
-        _check(self.train.loss_chunk_tokens >= 0, "train.loss_chunk_tokens must be >= 0 (0 = full logits)")
-        _check(not (self.parallel.pipeline_stages > 1 and self.train.loss_chunk_tokens > 0),
+        _check(self.data.seq_len >= 1, f"data.seq_len must be >= 1, got {self.data.seq_len}")
+        if self.data.max_train_bytes is not None:
+            _positive("data.max_train_bytes", self.data.max_train_bytes)
+        t = self.train
+        _check(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+        _check(t.grad_accum_steps >= 1, f"train.grad_accum_steps must be >= 1, got {t.grad_accum_steps}")
+        _check(t.max_steps >= 0, f"train.max_steps must be >= 0, got {t.max_steps}")
+        _check(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
+        _check(t.log_every >= 1, f"train.log_every must be >= 1 (log every N steps), got {t.log_every}")
+        _check(t.save_every >= 0, f"train.save_every must be >= 0 (0 = save only at the end), got {t.save_every}")
+        _check(t.keep_last >= 0, f"train.keep_last must be >= 0 (0 = keep every checkpoint), got {t.keep_last}")
+        _check(t.eval_every >= 0, f"train.eval_every must be >= 0 (0 = no evaluation during training), got {t.eval_every}")
+        _check(t.eval_batches >= 1, f"train.eval_batches must be >= 1 (set train.eval_every=0 to skip evaluation), got {t.eval_batches}")
+        _check(t.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0, got {t.max_skipped_steps}")
+        _check(t.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens must be >= 0 (0 = full logits), got {t.loss_chunk_tokens}")
+        _check(t.run_dir.strip() != "", "train.run_dir is empty: give the folder for checkpoints and logs")
+        _check(not (self.parallel.pipeline_stages > 1 and t.loss_chunk_tokens > 0),
                "train.loss_chunk_tokens works without pipeline stages only (the pipeline's last stage computes the "
                "loss from logits): set train.loss_chunk_tokens=0 or parallel.pipeline_stages=1")
-        _check(self.parallel.zero_stage in (0, 1, 2, 3), "parallel.zero_stage must be 0, 1, 2 or 3")
+        _check(self.parallel.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.parallel.zero_stage}")
         _check(0 <= self.parallel.activation_checkpointing_blocks <= self.model.n_layers,
                f"parallel.activation_checkpointing_blocks must be between 0 (all blocks) and model.n_layers "
                f"({self.model.n_layers}), got {self.parallel.activation_checkpointing_blocks}")
-        _check(self.parallel.pipeline_stages >= 1, "parallel.pipeline_stages must be >= 1")
+        _check(self.parallel.pipeline_stages >= 1, f"parallel.pipeline_stages must be >= 1, got {self.parallel.pipeline_stages}")
+        _check(not (self.parallel.offload_optimizer and self.parallel.zero_stage == 0),
+               "parallel.offload_optimizer=true needs parallel.zero_stage >= 1 (ZeRO-Offload keeps the partitioned "
+               "optimizer state on the CPU): set parallel.zero_stage=1, 2 or 3, or parallel.offload_optimizer=false")
+        _check(self.parallel.zero3_persistence_threshold >= 0,
+               f"parallel.zero3_persistence_threshold must be >= 0, got {self.parallel.zero3_persistence_threshold}")
         _check(not (self.parallel.pipeline_stages > 1 and self.parallel.zero_stage > 1),
                "parallel.pipeline_stages > 1 works only with parallel.zero_stage 0 or 1: ZeRO-2/3 partition "
                "gradients, which the pipeline accumulates over micro-batches (DeepSpeed asserts on it). "
                "Use parallel.zero_stage=1 with pipelines, or pipeline_stages=1 with ZeRO-2/3.")
-        _check(not (self.parallel.pipeline_stages > 1 and self.train.on_nonfinite == "skip"),
+        _check(not (self.parallel.pipeline_stages > 1 and t.on_nonfinite == "skip"),
                "train.on_nonfinite=skip needs the loss before the update, which pipelines only report after it: "
                "use train.on_nonfinite=rollback (or halt) with parallel.pipeline_stages > 1")
-        _check(self.optim.lr > 0 and 0 <= self.optim.min_lr_ratio <= 1, "optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
+        o = self.optim
+        _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+        _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+        _check(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0 (0 = no warmup), got {o.warmup_steps}")
+        _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+        _check(0 <= o.beta1 < 1, f"optim.beta1 must be in [0, 1), got {o.beta1}")
+        _check(0 <= o.beta2 < 1, f"optim.beta2 must be in [0, 1), got {o.beta2}")
+        _check(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+        _check(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = no clipping), got {o.grad_clip}")
         self._validate_sequence_parallel()
 
     def _validate_sequence_parallel(self) -> None:
@@ -388,6 +433,14 @@ class RunConfig:
                f"parallel.sequence_parallel={sp} works with parallel.pipeline_stages=1 only (got "
                f"{self.parallel.pipeline_stages}): use sequence parallelism or pipeline stages, not both")
         self.model.mixer.validate_sequence_parallel(sp, self.data.seq_len)
+
+
+def _positive(key: str, value: int) -> None:
+    _check(value >= 1, f"{key} must be >= 1, got {value}")
+
+
+def _probability(key: str, value: float) -> None:
+    _check(0.0 <= value < 1.0, f"{key} is a dropout probability and must be in [0, 1), got {value}")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -420,8 +473,21 @@ def _read_yaml_layers(path: Path, seen: tuple) -> dict:
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"{_BASE_KEY} cycle through {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and cmark is not None and mark is not None and cmark.line != mark.line:
+            problem += f" ({context} that starts at line {cmark.line + 1})"
+        raise ConfigError(f"{where}: YAML syntax error: {problem}; fix the file there") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text: give a YAML recipe") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     bases = data.pop(_BASE_KEY, [])

@@ -3,7 +3,9 @@
     python -m lm.train CONFIG.yaml [MORE.yaml ...] [dotted.key=value ...] [--resume auto|PATH] [--dry-run]
 
 Works as a plain process (one CPU or GPU), under torchrun/srun, and under the `deepspeed` launcher.
-Topology: data parallel x pipeline (`parallel.pipeline_stages`), ZeRO stage `parallel.zero_stage`.
+Topology: the mesh world = DP x SP x PP (lm.parallel.topology): data parallel, sequence parallel
+(`parallel.sequence_parallel`: each sequence split into that many segments on consecutive ranks) and
+pipeline (`parallel.pipeline_stages`), ZeRO stage `parallel.zero_stage` over the DP x SP replicas.
 The step itself is lm.engine's (the same code the benchmark times): this module builds the engine, plans
 resumes, runs the loop with its checkpoints, evaluations, preemption and non-finite-loss policy, and logs.
 """
@@ -15,7 +17,6 @@ import json
 import logging
 import math
 import os
-import signal
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +33,9 @@ from lm.metrics import MetricsLogger, attention_mass_scalars, flops_per_token, p
 from lm.optim import StepSchedule
 from lm.parallel.compile import eager_blocks
 from lm.parallel.dist import ensure_launcher_env, init_distributed, shutdown_distributed
-from lm.parallel.topology import describe_topology
+from lm.parallel.sequence import exchange_bytes
+from lm.parallel.topology import describe_topology, mesh_shape
+from lm.preemption import PreemptionWatcher
 
 log = logging.getLogger("lm.train")
 
@@ -58,6 +61,8 @@ def parse_args(argv):
     args.overrides = [i for i in args.items if "=" in i]
     if not args.configs:
         p.error("give at least one YAML recipe, e.g. launch/configs/quickstart.yaml")
+    if args.world_size is not None and args.world_size < 1:
+        p.error(f"--world-size must be >= 1, got {args.world_size}")
     return args
 
 
@@ -69,22 +74,17 @@ class Trainer:
         ensure_launcher_env()
         init_distributed()
         self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        self.pp = cfg.parallel.pipeline_stages
-        if cfg.parallel.sequence_parallel > 1:
-            raise ConfigError("parallel.sequence_parallel > 1 is not supported by lm.train yet (the model and its "
-                              "exchanges are, lm.parallel.sequence): set parallel.sequence_parallel=1")
-        if self.world % self.pp:
-            raise ConfigError(f"parallel.pipeline_stages={self.pp} does not divide the {self.world} processes")
+        self.dp, self.sp, self.pp = mesh_shape(self.world, cfg)  # ConfigError naming the keys if it does not divide
         self.ckpt_root = Path(cfg.train.run_dir) / "checkpoints"
+        self._check_run_dir(resume)
         self.resume_plan = self._plan_resume(resume) if resume else None
         # A pipeline checkpoint keeps the pipeline layout (parameter names) even on one stage.
-        pipelined = self.pp > 1 or bool(self.resume_plan and self.resume_plan["layout"] == "pipeline")
+        pipelined = self.pp > 1 or bool(self.resume_plan and self.resume_plan.layout == "pipeline")
         self.engine = DeepSpeedEngine(cfg, self.world, pipelined=pipelined,
-                                      load_universal=bool(self.resume_plan and self.resume_plan["universal"]))
-        self.device, self.dp = self.engine.device, self.engine.dp_size
+                                      load_universal=bool(self.resume_plan and self.resume_plan.universal))
+        self.device = self.engine.device
         self.state = LoopState()
         self.nonfinite_events = 0
-        self.stop_requested = False  # set by SIGTERM/SIGUSR1: finish the step, save, exit 0
         self.last_saved = None  # (root, tag) of the newest checkpoint this run can roll back to
         if self.resume_plan:
             self._load(self.resume_plan)
@@ -94,75 +94,55 @@ class Trainer:
         return self.state.step
 
     # -- checkpoints -----------------------------------------------------------------------
-    def _plan_resume(self, resume: str) -> dict | None:
-        """Find and verify the checkpoint on rank 0, decide how to load it, and tell every rank."""
-        plan, error = None, None
+    def _on_rank0(self, fn):
+        """Run fn on rank 0; its ConfigError/CheckpointError is raised on every rank (none waits in a collective)."""
+        box = [None, None]
         if self.rank == 0:
             try:
-                plan = self._find_checkpoint(resume)
+                box[0] = fn()
             except (checkpoint.CheckpointError, ConfigError) as exc:
-                error = str(exc)
-        box = [plan, error]
+                box[1] = (type(exc).__name__, str(exc))
         if tdist.is_initialized() and tdist.get_world_size() > 1:
             tdist.broadcast_object_list(box, src=0)
-        plan, error = box
-        if error:
-            raise checkpoint.CheckpointError(error)
-        if plan and plan["universal"] and self.rank == 0 and plan.get("convert"):
-            checkpoint.to_universal(Path(plan["root"]), plan["tag"])
+        if box[1]:
+            kind, message = box[1]
+            raise (ConfigError if kind == "ConfigError" else checkpoint.CheckpointError)(message)
+        return box[0]
+
+    def _check_run_dir(self, resume: str | None) -> None:
+        """Refuse a run dir that is a file, unwritable, or holds another run's checkpoints (unless --resume or
+        train.overwrite=true, which deletes them first)."""
+        def check():
+            if checkpoint.check_run_dir(self.cfg.train.run_dir, resume, self.cfg.train.overwrite):
+                log.warning("train.overwrite=true: deleting the checkpoints in %s", self.ckpt_root)
+                checkpoint.clear_checkpoints(self.cfg.train.run_dir)
+        self._on_rank0(check)
         if tdist.is_initialized():
             tdist.barrier()
-        if plan and plan["universal"]:
-            plan["load_root"] = str(Path(plan["root"]) / "universal")
+
+    def _plan_resume(self, resume: str) -> checkpoint.ResumePlan | None:
+        """Plan the resume on rank 0 (lm.checkpoint.plan_resume), convert to the universal format there if the
+        plan says so, and give every rank the plan."""
+        plan = self._on_rank0(lambda: checkpoint.plan_resume(self.cfg, resume, self.world))
+        if plan and plan.universal and self.rank == 0:
+            checkpoint.to_universal(plan.root, plan.tag)
+        if tdist.is_initialized():
+            tdist.barrier()
         return plan
 
-    def _find_checkpoint(self, resume: str) -> dict | None:
-        if resume == "auto":
-            root, tag = self.ckpt_root, checkpoint.newest_good(self.ckpt_root)
-            if tag is None:
-                log.info("resume=auto: no complete checkpoint in %s yet, starting fresh", self.ckpt_root)
-                return None
-        else:
-            root, tag = checkpoint.resolve_checkpoint(resume)
-            checkpoint.verify(root / tag)
-        checkpoint.check_compatible(checkpoint.load_checkpoint_config(root, tag), self.cfg, root / tag)
-        state = checkpoint.load_trainer_state(root, tag)
-        saved = dict(state["topology"])
-        saved.setdefault("layout", "pipeline" if saved["pipeline_stages"] > 1 else "plain")
-        layout = "pipeline" if (self.pp > 1 or saved["layout"] == "pipeline") else "plain"
-        now = {"world_size": self.world, "zero_stage": self.cfg.parallel.zero_stage, "pipeline_stages": self.pp,
-               "layout": layout}
-        if saved["layout"] == "plain" and layout == "pipeline":
-            raise checkpoint.CheckpointError(
-                f"{root / tag} was saved without pipeline parallelism; resume it with parallel.pipeline_stages=1, "
-                f"or export it (`python -m lm.checkpoint export {root / tag} OUT`) and start the pipeline run from that")
-        same = saved == now
-        if not same and saved["zero_stage"] != now["zero_stage"]:
-            raise checkpoint.CheckpointError(
-                f"{root / tag} was saved with ZeRO-{saved['zero_stage']}; resume it with parallel.zero_stage="
-                f"{saved['zero_stage']} (any number of processes), or export the weights with "
-                f"`python -m lm.checkpoint export {root / tag} OUT` and start a new run from them")
-        universal = not same and saved["zero_stage"] >= 1
-        if not same and not universal and saved["pipeline_stages"] != self.pp:
-            raise checkpoint.CheckpointError(
-                f"{root / tag} is a ZeRO-0 pipeline checkpoint ({saved['pipeline_stages']} stages); DeepSpeed can "
-                f"reshard pipelines only from ZeRO >= 1: resume with parallel.pipeline_stages={saved['pipeline_stages']}")
-        log.info("resuming from %s (saved on %s, now %s%s)", root / tag, saved, now,
-                 "; converting to a universal checkpoint" if universal else "")
-        return {"root": str(root), "tag": tag, "load_root": str(root), "universal": universal, "convert": universal,
-                "layout": layout}
-
-    def _load(self, plan: dict) -> None:
-        checkpoint.load(self.engine.ds, Path(plan["load_root"]), plan["tag"])
-        state = checkpoint.load_trainer_state(Path(plan["root"]), plan["tag"])
+    def _load(self, plan: checkpoint.ResumePlan) -> None:
+        # a universal checkpoint restores no module buffers (the codebooks): they come from the original folder
+        checkpoint.load(self.engine.ds, plan.load_root, plan.tag, buffers_from=plan.root / plan.tag if plan.universal else None)
+        self.engine.apply_optim_config(self.cfg.optim)  # the loaded optimizer state holds the saved hyperparameters
+        state = checkpoint.load_trainer_state(plan.root, plan.tag)
         s = self.state  # mutated in place: the training loop holds the same object
         s.step, s.consumed = state["step"], state["consumed_samples"]
         s.updates, s.elapsed = int(state.get("updates", state["step"])), float(state.get("elapsed_s", 0.0))
         self.nonfinite_events = int(state.get("nonfinite_events", 0))
         checkpoint.restore_rng(state)
-        self.last_saved = (Path(plan["root"]), plan["tag"])
+        self.last_saved = (plan.root, plan.tag)
         if self.rank == 0:
-            log.info("resumed at step %d (%d samples consumed)", self.state.step, self.state.consumed)
+            log.info("resumed at step %d (%d samples consumed)", s.step, s.consumed)
 
     def save(self) -> Path:
         cfg, s = self.cfg, self.state
@@ -191,45 +171,33 @@ class Trainer:
                 return
             root, tag = self.last_saved
             consumed, events_so_far = self.state.consumed, self.nonfinite_events
-            self._load({"root": str(root), "tag": tag, "load_root": str(root), "universal": False, "layout": None})
+            self._load(checkpoint.ResumePlan(root=root, tag=tag, layout="pipeline" if self.engine.pipelined else "plain"))
             self.state.consumed, self.nonfinite_events = consumed, events_so_far
-
-
-def _install_preemption_handlers(trainer: Trainer) -> dict:
-    """SIGTERM / SIGUSR1 (Slurm's warning signal): finish the current step, save, exit 0."""
-    previous = {}
-
-    def handler(signum, frame):
-        trainer.stop_requested = True
-        log.warning("received signal %d: will save and exit after this step", signum)
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. an embedding application): leave signals alone
-            pass
-    return previous
 
 
 def heldout_tokens(cfg: RunConfig, batches: int) -> torch.Tensor:
     """The first `batches` x micro-batch windows of the validation split (plus one token), for the
     in-training evaluation."""
     valid = load_stream(cfg.data, "valid").tokens
+    if len(valid) < cfg.data.seq_len + 1:
+        raise ConfigError(f"the validation split has {len(valid)} tokens, fewer than one window of data.seq_len + 1 = "
+                          f"{cfg.data.seq_len + 1}: give more validation data or set train.eval_every=0")
     n = min(len(valid), batches * cfg.train.micro_batch_size * cfg.data.seq_len + 1)
-    if n < 2:
-        raise ConfigError(f"the validation split has {len(valid)} tokens: nothing to evaluate; set train.eval_every=0")
     return torch.from_numpy(np.asarray(valid[:n]).astype(np.int64))
 
 
 def evaluate_heldout(engine, cfg: RunConfig, tokens: torch.Tensor) -> dict:
-    """valid/loss and valid/bpb (disjoint windows of data.seq_len), plus the attention-mass split."""
+    """valid/loss and valid/bpb (disjoint windows of data.seq_len; under sequence parallelism split over the SP
+    group as in training), plus the attention-mass split (one process per sequence only: it needs the whole
+    window's attention inputs on one rank)."""
     model = engine.module
     with eval_mode(model), eager_blocks(model):  # evaluation shapes must not trigger recompiles
         result = score(model, tokens, mode="disjoint", context=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size,
-                       device=engine.device, autocast=engine.autocast)
+                       device=engine.device, autocast=engine.autocast, sp=engine.sp)
         scalars = {"valid/loss": result.loss, "valid/bpb": result.loss / math.log(2)}
-        with torch.no_grad(), engine.autocast():
-            scalars.update(attention_mass_scalars(model, tokens[: cfg.data.seq_len][None].to(engine.device)))
+        if engine.sp is None:
+            with torch.no_grad(), engine.autocast():
+                scalars.update(attention_mass_scalars(model, tokens[: cfg.data.seq_len][None].to(engine.device)))
     return scalars
 
 
@@ -281,18 +249,31 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
     loop = TrainLoop(engine, sampler, StepSchedule(cfg.optim, t.max_steps), micro_batch_size=t.micro_batch_size,
                      grad_accum_steps=t.grad_accum_steps, loss_chunk_tokens=t.loss_chunk_tokens,
                      max_steps=t.max_steps, state=trainer.state)
-    tokens_per_step = loop.samples_per_step * cfg.data.seq_len
+    tokens_per_step = loop.tokens_per_step(cfg.data.seq_len)  # the whole mesh's, each token once
     fpt = flops_per_token(cfg.model, engine.n_params, cfg.data.seq_len)
     peak = peak_flops(torch.cuda.get_device_name()) if engine.device.type == "cuda" else None
     metrics = MetricsLogger(run_dir, enabled=is_rank0, total_steps=t.max_steps, start_step=trainer.step,
                             progress_bar=t.progress_bar)
     metrics.text("config/deepspeed", json.dumps(engine.ds_config, indent=1))
+    exchange = None
+    if trainer.sp > 1:  # what one SP rank receives per layer per optimizer step (forward + backward)
+        act = torch.float32 if engine.precision == "fp32" else torch.bfloat16
+        exchange = exchange_bytes(cfg.model, t.micro_batch_size, trainer.sp, cfg.data.seq_len, act)
+        exchange = {"per_layer_per_step": exchange["per_layer"] * t.grad_accum_steps,
+                    "parts_per_micro_batch": exchange["parts"]}
     if is_rank0:
         log.info("model %s: %.2fM parameters; %s; precision %s", cfg.model.arch, engine.n_params / 1e6,
                  describe_topology(cfg, trainer.world), engine.precision)
+        if exchange:
+            log.info("sequence parallel: %d segments of %d tokens per sequence; each rank receives %.2f MiB per layer "
+                     "per step (%s per micro-batch)", trainer.sp, cfg.data.seq_len // trainer.sp,
+                     exchange["per_layer_per_step"] / 2**20,
+                     ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in exchange["parts_per_micro_batch"].items()))
         log.info("deepspeed config: %s", json.dumps(engine.ds_config))
 
-    previous_handlers = _install_preemption_handlers(trainer)
+    # SIGTERM / SIGUSR1 / SIGINT or RUN_DIR/SAVE_AND_EXIT: finish the step, save, exit 0 (lm/preemption.py)
+    watcher = PreemptionWatcher(run_dir, owner=is_rank0)
+    watcher.install()
     losses, rates, preempted, saved_step = [], [], False, None
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
@@ -301,8 +282,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
         while not loop.done():
             step = trainer.step + 1
             log_now = step % t.log_every == 0 or step == t.max_steps
-            result = loop.step(stop=trainer.stop_requested, codebook_stats=log_now)
-            trainer.stop_requested = result.stop
+            # this process's request goes into the step's all-reduce; every process stops on the reduced value
+            result = loop.step(stop=watcher.requested, codebook_stats=log_now)
             if result.skipped:
                 trainer.handle_nonfinite(result.nonfinite)
                 scalars = {"train/nonfinite_events": float(trainer.nonfinite_events), "train/skipped": 1.0}
@@ -323,7 +304,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
                 if valid_tokens is not None and step % t.eval_every == 0:
                     scalars.update(evaluate_heldout(engine, cfg, valid_tokens))
             metrics.step(step, scalars, log_scalars=log_now)
-            if trainer.stop_requested:
+            if result.stop:
                 preempted = True
                 break
             if t.save_every and step % t.save_every == 0 and step < t.max_steps:
@@ -339,13 +320,14 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
             f"saving a checkpoint failed ({exc}); nothing was published as 'latest'"
             + (f"; the last good checkpoint is {last[0] / last[1]}" if last else "")) from exc
     finally:
-        for sig, h in previous_handlers.items():
-            signal.signal(sig, h)
+        watcher.uninstall()
         metrics.close()
     summary = {"step": trainer.step, "consumed_samples": trainer.state.consumed, "losses": losses,
                "run_dir": str(run_dir), "rank": rank, "preempted": preempted, "nonfinite_events": trainer.nonfinite_events,
                "codebooks": {i: vq.c_sum.detach().cpu().clone() for i, vq in engine.quantizers}}
-    report = {"world_size": trainer.world, "steps": trainer.step, "tokens_per_step": tokens_per_step,
+    report = {"world_size": trainer.world, "data_parallel": trainer.dp, "sequence_parallel": trainer.sp,
+              "pipeline_stages": trainer.pp, "exchange_bytes_per_layer_per_step": exchange and exchange["per_layer_per_step"],
+              "steps": trainer.step, "tokens_per_step": tokens_per_step,
               "tokens_per_s": _steady_rate(rates), "tokens_per_s_per_gpu": (_steady_rate(rates) or 0) / trainer.world or None,
               "peak_mem_gib": torch.cuda.max_memory_allocated(engine.device) / 2**30 if engine.device.type == "cuda" else None,
               "final_loss": losses[-1] if losses else None, "precision": engine.precision, "params": engine.n_params,
@@ -381,6 +363,11 @@ def main(argv=None) -> int:
     except (checkpoint.CheckpointError, CheckpointSaveFailed) as exc:
         print(f"checkpoint error: {exc}", file=sys.stderr)
         return 4
+    finally:
+        # a one-process run leaves no process group behind, also after an error (several processes skip this on
+        # errors: a barrier there could wait for a rank that already failed)
+        if tdist.is_initialized() and tdist.get_world_size() == 1:
+            tdist.destroy_process_group()
     return 0
 
 

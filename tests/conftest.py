@@ -33,6 +33,9 @@ def _deterministic():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     yield
+    # the fork harness (tests/dist_harness.py) needs a pytest process without a process group: a test that
+    # calls lm.train.main in-process must not leave one behind
+    assert not torch.distributed.is_initialized(), "this test left a torch.distributed process group in pytest"
 
 
 @pytest.fixture

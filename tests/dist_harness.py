@@ -48,6 +48,10 @@ def run_dist(fn, world_size: int = 2, timeout: float = 180, **kwargs) -> list:
     """Results of fn(**kwargs) per rank; raises with the failing rank's traceback."""
     from multiprocessing.connection import wait
 
+    if torch.distributed.is_initialized():  # forked children would inherit this process's group (a world of 1)
+        raise RuntimeError("torch.distributed is initialised in the pytest process (by an earlier test): every "
+                           "distributed test would silently run its ranks as separate one-process worlds")
+
     ctx = mp.get_context("fork")
     queue = ctx.SimpleQueue()  # synchronous: mp.Queue's feeder thread dies with os._exit
     port = free_port()

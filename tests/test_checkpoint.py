@@ -65,7 +65,16 @@ def test_resume_on_another_number_of_processes(tmp_path, cache, reference, saved
                        resume="auto")
     for r in resumed:  # optimizer state survived the resharding: the next steps match the straight run
         torch.testing.assert_close(r["losses"], reference[2]["losses"][3:], rtol=2e-5, atol=2e-5)
+        assert_same_codebooks(r, reference[2])  # buffers too (universal loading restores parameters only)
     assert (run / "checkpoints/universal/global_step3/done").is_file()
+
+
+def assert_same_codebooks(result: dict, reference: dict) -> None:
+    """Codebooks at the end of a resumed run equal the uninterrupted run's (a codebook reset at the resume
+    would show here long before it shows in the loss of a fresh tiny model)."""
+    assert result["codebooks"].keys() == reference["codebooks"].keys()
+    for layer, cb in result["codebooks"].items():
+        torch.testing.assert_close(cb, reference["codebooks"][layer], rtol=2e-5, atol=2e-5)
 
 
 def test_pipeline_checkpoint_resumes_on_one_stage(tmp_path, cache, reference):
@@ -75,6 +84,7 @@ def test_pipeline_checkpoint_resumes_on_one_stage(tmp_path, cache, reference):
     crash_after_step3(run)
     (r,) = run_dist(_train, 1, cfg=cfg_for(run, cache, "train.grad_accum_steps=2", "parallel.zero_stage=1"), resume="auto")
     torch.testing.assert_close(r["losses"], reference[1]["losses"][3:], rtol=2e-5, atol=2e-5)
+    assert_same_codebooks(r, reference[1])
 
 
 def test_zero_stage_change_is_refused_with_the_fix(tmp_path, cache):
@@ -89,6 +99,26 @@ def test_config_for_another_model_is_refused(tmp_path, cache):
     run_dist(_train, 1, cfg=cfg_for(run, cache, "train.max_steps=3"))
     with pytest.raises(RuntimeError, match=r"model\.n_layers: checkpoint 2 vs run 3"):
         run_dist(_train, 1, cfg=cfg_for(run, cache, "model.n_layers=3"), resume="auto")
+
+
+def test_resume_applies_a_changed_lr_and_refuses_a_changed_window(tmp_path, cache):
+    """optim.lr on resume is what the next steps use (and what config.yaml records); data.seq_len is refused
+    with the reason and the fix."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lm.optim import lr_lambda
+
+    run = tmp_path / "run"
+    run_dist(_train, 1, cfg=cfg_for(run, cache, "train.max_steps=3"))
+    cfg = cfg_for(run, cache, "train.max_steps=5", "optim.lr=1e-2")
+    run_dist(_train, 1, cfg=cfg, resume="auto")
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    lr = {e.step: e.value for e in acc.Scalars("train/lr")}
+    assert lr[4] == pytest.approx(1e-2 * lr_lambda(3, cfg.optim, 5), rel=1e-6)
+    assert "lr: 0.01" in (run / "config.yaml").read_text()
+    with pytest.raises(RuntimeError, match=r"data\.seq_len 32 -> 64 .*keep data\.seq_len=32"):
+        run_dist(_train, 1, cfg=cfg_for(run, cache, "train.max_steps=7", "data.seq_len=64"), resume="auto")
 
 
 def _python(code: str, env_extra=None) -> subprocess.Popen:
@@ -107,7 +137,7 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, cache):
     run = tmp_path / "run"
     args = TRAIN_ARGS + [f"train.run_dir={run}", f"data.cache_dir={cache}", "train.max_steps=6", "train.save_every=2"]
     code = f"""
-import os, signal, lm.checkpoint as c
+import os, signal, lm.checkpoint.store as c
 real = c.os.replace
 def replace(src, dst):
     if str(dst).endswith("global_step4"):      # shards written, not yet published
@@ -152,6 +182,7 @@ def test_full_disk_while_saving_publishes_nothing(tmp_path, cache):
         run_dist(_train, 1, cfg=tiny_cfg(run, cache, "train.max_steps=6", "train.save_every=2"), patch=patch)
     assert checkpoint.read_latest(run / "checkpoints") == "global_step2"
     checkpoint.verify(run / "checkpoints/global_step2")
+    assert not list((run / "checkpoints").glob(".staging-*"))  # the failed save cleaned up after itself
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, cache):
@@ -204,10 +235,11 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path, cache):
     sentinel = tmp_path / "pwned"
     Evil.target = sentinel
     folder = run / "checkpoints/global_step2"
-    # 1) our own file: refused by weights_only loading, even with a matching manifest
+    # 1) our own file: refused by weights_only loading (tests/test_security.py plants payloads in every kind
+    #    of file, with the manifest re-hashed to match)
     with open(folder / "trainer_state.pt", "wb") as f:
-        pickle.dump({"step": Evil()}, f)
-    with pytest.raises(pickle.UnpicklingError):
+        pickle.dump({"step": Evil()}, f, protocol=2)
+    with pytest.raises(CheckpointError, match=r"trainer_state.pt: refusing to unpickle it: it references posix.system"):
         checkpoint.load_trainer_state(run / "checkpoints", "global_step2")
     # 2) a DeepSpeed shard (which DeepSpeed unpickles fully): refused by the manifest before loading
     with open(folder / "mp_rank_00_model_states.pt", "wb") as f:
@@ -344,3 +376,45 @@ def test_fused_optimizer_step_counters_follow_the_parameters():
     plain.state[q] = {"step": torch.tensor(4.0)}
     assert align_optimizer_steps(plain) == 0  # non-fused AdamW keeps CPU counters (torch's convention)
     assert plain.state[q]["step"].device.type == "cpu"
+
+
+def test_auto_falls_back_past_a_broken_manifest(tmp_path, cache):
+    """A manifest that is not JSON, or has no file list, marks a bad checkpoint: --resume auto takes the
+    previous good one (and says why it skipped the newer ones)."""
+    run = tmp_path / "run"
+    run_dist(_train, 1, cfg=tiny_cfg(run, cache, "train.max_steps=6", "train.save_every=2", "train.keep_last=5"))
+    ckpt = run / "checkpoints"
+    (ckpt / "global_step6/manifest.json").write_text('{"format": 1, "files": {"config.yaml": ')  # torn write
+    (ckpt / "global_step4/manifest.json").write_text('{"format": 1, "tag": "global_step4"}')
+    with pytest.raises(CheckpointError, match=r"global_step6/manifest.json is not valid JSON"):
+        checkpoint.verify(ckpt / "global_step6")
+    with pytest.raises(CheckpointError, match=r"global_step4/manifest.json has no file list"):
+        checkpoint.verify(ckpt / "global_step4")
+    assert checkpoint.newest_good(ckpt) == "global_step2"
+    (r,) = run_dist(_train, 1, cfg=tiny_cfg(run, cache, "train.max_steps=8"), resume="auto")
+    assert len(r["losses"]) == 6 and r["step"] == 8  # continued from step 2
+
+
+def test_auto_refuses_when_every_checkpoint_is_bad(tmp_path, cache):
+    """Checkpoints that all fail verification are never trained over: the refusal lists each and why."""
+    run = tmp_path / "run"
+    run_dist(_train, 1, cfg=tiny_cfg(run, cache, "train.max_steps=4", "train.save_every=2", "train.keep_last=5"))
+    ckpt = run / "checkpoints"
+    (ckpt / "global_step4/manifest.json").write_text("not json")
+    (ckpt / "global_step2/trainer_state.pt").unlink()
+    before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    with pytest.raises(RuntimeError, match=r"none of the 2 checkpoint\(s\) under .* is usable.*global_step4: .*not valid "
+                                           r"JSON.*global_step2: .*missing trainer_state\.pt"):
+        run_dist(_train, 1, cfg=tiny_cfg(run, cache, "train.max_steps=6"), resume="auto")
+    assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before  # nothing written over them
+    assert checkpoint.newest_good(tmp_path / "nothing-here") is None  # no checkpoints at all: start fresh
+
+
+def test_unlisted_file_in_a_checkpoint_fails_verification(tmp_path, cache):
+    run = tmp_path / "run"
+    run_dist(_train, 1, cfg=tiny_cfg(run, cache, "train.max_steps=2"))
+    folder = run / "checkpoints/global_step2"
+    checkpoint.verify(folder)
+    (folder / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"unexpected file bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        checkpoint.verify(folder)

@@ -61,6 +61,12 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if (args.dataset is None) == (args.text is None):
         p.error("give exactly one of --dataset or --text")
+    if args.workers is not None and args.workers < 1:
+        p.error(f"argument --workers: {args.workers} is not >= 1 (leave it out for cores - 1)")
+    if args.chunk_chars < 1:
+        p.error(f"argument --chunk-chars: {args.chunk_chars} is not >= 1")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"argument --out: {args.out} is a file; give a folder (created if missing)")
     if args.text:
         pairs = {}
         for item in args.text:
@@ -130,7 +136,12 @@ def run(args) -> dict:
     meta_path = out / "meta.json"
     header = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name,
               "tokenizer_fingerprint": tokenizer.fingerprint}
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except ValueError as exc:
+        raise ValueError(f"{meta_path} is not valid JSON ({exc}): remove it, or use another --out") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} is not token-shard metadata: remove it, or use another --out")
     if meta and not args.overwrite:
         old = {k: meta.get(k) for k in ("dtype", "vocab_size", "tokenizer_fingerprint")}
         new = {k: header[k] for k in old}
@@ -172,6 +183,9 @@ def main(argv=None) -> int:
         run(args)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
 

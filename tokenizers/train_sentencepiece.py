@@ -55,6 +55,18 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if (args.dataset is None) == (args.text is None):
         p.error("give exactly one of --dataset or --text")
+    if args.vocab_size < 1:
+        p.error(f"argument --vocab-size: {args.vocab_size} is not >= 1")
+    if not 0 < args.character_coverage <= 1:
+        p.error(f"argument --character-coverage: {args.character_coverage} is not in (0, 1]")
+    if args.max_sentences < 0:
+        p.error(f"argument --max-sentences: {args.max_sentences} is not >= 0 (0 = all)")
+    if args.max_sentence_length < 1:
+        p.error(f"argument --max-sentence-length: {args.max_sentence_length} is not >= 1")
+    if args.threads < 0:
+        p.error(f"argument --threads: {args.threads} is not >= 0 (0 = all cores)")
+    if Path(args.out).is_dir():
+        p.error(f"argument --out: {args.out} is a folder; give a file prefix (writes PREFIX.model and PREFIX.vocab)")
     return args
 
 
@@ -122,6 +134,9 @@ def main(argv=None) -> int:
         train(args)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
 

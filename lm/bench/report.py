@@ -75,3 +75,70 @@ def throughput_plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def sequence_parallel_markdown(rows: list[dict], path: Path, header: dict) -> None:
+    """The sequence-parallel sweep (lm.bench.sequence_parallel) as a table."""
+    lines = [f"# Sequence parallelism: {header['tag']}", "",
+             f"Device {header.get('device') or '?'}, torch {header['torch']}, {header['date']}; SP = {header['nproc']} "
+             f"against one GPU at 1/{header['nproc']} of the context; {header['batch']} sequence(s) per step, median "
+             f"of {header['steps']} steps after {header['warmup']} warm-ups (the slowest rank).", "",
+             "Recipes: " + ", ".join(f"`{r}`" for r in header["recipes"])
+             + (f"; overrides `{' '.join(header['overrides'])}`" if header["overrides"] else "") + ".", "",
+             "Exchange: bytes one middle rank receives per layer per optimizer step, forward + backward "
+             "(lm.parallel.sequence.exchange_bytes). Efficiency: tokens/s per GPU over the SP = 1 row's at "
+             "context / SP.", "",
+             "| arch | context | SP | tokens/GPU | precision | tokens/s | tokens/s/GPU | efficiency | peak GiB/GPU | "
+             "exchange MiB/layer/step | MFU | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["arch"], r["sequence_parallel"], r["context"])):
+        lines.append(
+            f"| {r['arch']} | {r['context']} | {r['sequence_parallel']} | {r['segment']} | {r.get('precision') or ''} | "
+            f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['tokens_per_s_per_gpu'], ',.0f')} | {_fmt(r['efficiency'], '.3f')} | "
+            f"{_fmt(r['peak_mem_gib'], '.2f')} | {_fmt(r['exchange_bytes_per_layer_per_step'] / 2**20, '.2f')} | "
+            f"{_fmt(r['mfu'], '.3f')} | {r.get('error', '')} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def sequence_parallel_plot(rows: list[dict], path: Path, title: str) -> None:
+    """Tokens/s per GPU (log scale) and peak memory per GPU against context, one line per (arch, SP); a failed
+    row (OOM) is a red cross at its context at the bottom of both panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+    series: dict = {}
+    for r in rows:
+        series.setdefault((r["arch"], r["sequence_parallel"]), []).append(r)
+    for j, (key, unit) in enumerate((("tokens_per_s_per_gpu", "tokens/s per GPU"), ("peak_mem_gib", "peak memory per GPU (GiB)"))):
+        ax = axes[0][j]
+        plotted = False
+        for (arch, sp), rs in sorted(series.items()):
+            pts = sorted((r["context"], r[key]) for r in rs if r.get(key) is not None and not r.get("error"))
+            label = f"{arch}, SP={sp}" + (" (Ulysses)" if arch == "transformer" and sp > 1 else "")
+            style = {"linestyle": "-" if arch == "longvq" else "--", "marker": "o" if sp == 1 else "s"}
+            if pts:
+                plotted = True
+                ax.plot(*zip(*pts), label=label, **style)
+            failed = [r for r in rs if r.get("error")]
+            if failed:
+                errors = sorted({r["error"][:40] for r in failed})
+                ax.scatter([r["context"] for r in failed], [0.03] * len(failed), marker="x", color="red", zorder=5,
+                           transform=ax.get_xaxis_transform(), label=f"{label}: {', '.join(errors)}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens per sequence)")
+        ax.set_ylabel(unit)
+        if plotted and key == "tokens_per_s_per_gpu":
+            ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        if not plotted:
+            ax.text(0.5, 0.5, "not measured on this device" if key == "peak_mem_gib" else "no data",
+                    ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

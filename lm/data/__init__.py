@@ -1,6 +1,6 @@
 """Datasets as token streams (memory-mapped), and the deterministic sampler the trainer uses."""
 
 from lm.data.sampler import WindowSampler
-from lm.data.streams import TokenStream, load_stream
+from lm.data.streams import DataError, DataNotFound, TokenStream, load_stream
 
-__all__ = ["TokenStream", "load_stream", "WindowSampler"]
+__all__ = ["DataError", "DataNotFound", "TokenStream", "load_stream", "WindowSampler"]

@@ -12,13 +12,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lm.config import ConfigError
+
 
 class WindowSampler:
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
+    """Windows of seq_len + 1 tokens of one stream; `name` says which in errors (e.g. "stdlib/valid")."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, name: str = "the data split"):
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.n_windows = (len(tokens) - 1) // seq_len
         if self.n_windows < 1:
-            raise ValueError(f"training stream has {len(tokens)} tokens, fewer than data.seq_len + 1 = {seq_len + 1}")
+            raise ConfigError(f"{name} has {len(tokens)} tokens, fewer than one window of data.seq_len + 1 = "
+                              f"{seq_len + 1}: lower data.seq_len or give more data")
         self._perm_epoch, self._perm = -1, None
 
     def _window(self, g: int) -> int:

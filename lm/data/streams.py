@@ -25,10 +25,19 @@ from typing import Optional
 
 import numpy as np
 
-from lm.config import DataConfig
+from lm.config import ConfigError, DataConfig
 from lm.data import enwik8, stdlib_corpus, wikitext
 from lm.data.tokenizer import BYTE, Tokenizer, default_workers, dtype_for_vocab, encode_text, load_tokenizer
 from lm.fileio import atomic_write_bytes
+
+
+class DataError(ConfigError):
+    """The data the config names is unusable (corrupt, inconsistent, too short); the message names the
+    file or key and the fix. A ConfigError, so lm.train reports it as one line and a non-zero exit."""
+
+
+class DataNotFound(FileNotFoundError, DataError):
+    """The data the config names is missing (a FileNotFoundError and a DataError)."""
 
 
 @dataclass
@@ -64,6 +73,20 @@ def _is_byte(cfg: DataConfig) -> bool:
 
 
 def load_stream(cfg: DataConfig, split: str) -> TokenStream:
+    """The token stream of one split of the dataset `cfg` names. Missing data raises DataNotFound,
+    unusable data DataError (both ConfigErrors whose message names the path and the fix)."""
+    try:
+        return _load_stream(cfg, split)
+    except DataError:
+        raise
+    except FileNotFoundError as exc:
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+        raise DataNotFound(message) from None
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+
+
+def _load_stream(cfg: DataConfig, split: str) -> TokenStream:
     if split not in ("train", "valid", "test"):
         raise ValueError(f"split must be train, valid or test, got {split!r}")
     cache_dir = Path(os.path.expanduser(cfg.cache_dir))
@@ -180,22 +203,33 @@ def _prepared_stream(cfg: DataConfig, split: str, cache_dir: Path) -> TokenStrea
 def load_token_folder(path: Optional[str], split: str) -> TokenStream:
     """A folder written by tokenizers/encode_corpus.py: {split}.bin + meta.json."""
     if not path:
-        raise ValueError("data.dataset=tokens needs data.data_path=FOLDER (made by tokenizers/encode_corpus.py)")
+        raise DataError("data.dataset=tokens needs data.data_path=FOLDER (made by tokenizers/encode_corpus.py)")
     folder = Path(path)
+    if not folder.is_dir():
+        raise DataNotFound(f"data.data_path={folder} is not a folder: give the folder tokenizers/encode_corpus.py wrote")
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: encode the corpus first with tokenizers/encode_corpus.py")
-    meta = json.loads(meta_path.read_text())
+        raise DataNotFound(f"{meta_path} not found: data.data_path={folder} has no metadata; encode the corpus first "
+                           "with tokenizers/encode_corpus.py")
+    try:
+        meta = json.loads(meta_path.read_text())
+        dtype = np.dtype(meta["dtype"])
+        vocab_size = int(meta["vocab_size"])
+        splits = meta.get("splits", {})
+        if dtype.kind != "u" or vocab_size < 1 or not isinstance(splits, dict):
+            raise ValueError("unsupported dtype or vocab_size")
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        raise DataError(f"{meta_path} is not valid token-shard metadata ({type(exc).__name__}: {exc}); re-run "
+                        "tokenizers/encode_corpus.py into this folder") from None
     bin_path = folder / f"{split}.bin"
     if not bin_path.is_file():
-        raise FileNotFoundError(f"{bin_path} not found (splits present: {sorted(meta.get('splits', {}))})")
-    dtype = np.dtype(meta["dtype"])
-    info = meta.get("splits", {}).get(split, {})
+        raise DataNotFound(f"{bin_path} not found (splits present: {sorted(splits)})")
+    info = splits.get(split, {}) if isinstance(splits.get(split, {}), dict) else {}
     size = bin_path.stat().st_size
     expected = info.get("tokens")
     if size % dtype.itemsize or (expected is not None and size != expected * dtype.itemsize):
-        raise ValueError(f"{bin_path} is {size} bytes but meta.json promises {expected} {dtype} tokens: the shard is "
-                         "truncated or corrupt; re-run tokenizers/encode_corpus.py for this split")
-    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
-    return TokenStream(tokens, int(meta["vocab_size"]), n_bytes=int(info.get("bytes", len(tokens))),
+        raise DataError(f"{bin_path} is {size} bytes but meta.json promises {expected} {dtype} tokens: the shard is "
+                        "truncated or corrupt; re-run tokenizers/encode_corpus.py for this split")
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
+    return TokenStream(tokens, vocab_size, n_bytes=int(info.get("bytes", len(tokens))),
                        n_words=info.get("words"), name=f"{folder.name}/{split}")

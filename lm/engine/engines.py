@@ -1,15 +1,18 @@
 """Engines: the small interface one training step is written against, and its two implementations.
 
     engine = build_engine(cfg, kind="deepspeed" | "torch")
+    x, y = engine.local_segment(x), engine.local_segment(y)   # this rank's segment (sequence parallelism)
     out = engine.forward(x, y)          # ModelOutput with .loss (mean CE) and .aux_loss, under the precision
     engine.backward(out.loss + out.aux_loss)      # once per micro-batch
     engine.step(lr, skip=False)         # once per optimizer step: clip, update (or drop) the accumulated grads
 
 `TorchEngine` is plain PyTorch on one process (no DeepSpeed import: it runs where DeepSpeed is not
 installed). `DeepSpeedEngine` wraps `deepspeed.initialize` with the DeepSpeed JSON generated from the typed
-config: data parallel x ZeRO 0-3, optionally a pipeline. Both use the same optimizer (lm.optim.AdamW, fused
-on CUDA), the same parameter groups, the same model preparation (compiled blocks, activation checkpointing)
-and the same precision modes:
+config over the DP x SP x PP process mesh (lm.parallel.topology): data parallel x ZeRO 0-3, sequence
+parallelism (each sequence split into `sp_size` segments, one per rank of an SP group; the engine holds
+the group's SequenceContext and hands it to the model) or a pipeline. Both use the same optimizer
+(lm.optim.AdamW, fused on CUDA), the same parameter groups, the same model preparation (compiled blocks,
+activation checkpointing) and the same precision modes:
 
     fp32        fp32 weights, fp32 compute.
     bf16        bf16 weights and activations, fp32 master weights and optimizer state (DeepSpeed's bf16
@@ -36,6 +39,8 @@ from lm.model import build_model
 from lm.optim import AdamW, build_optimizer, param_groups
 from lm.parallel.activation_checkpointing import apply_activation_checkpointing
 from lm.parallel.compile import maybe_compile, set_tf32
+from lm.parallel.sequence import build_sequence_context, segment
+from lm.parallel.topology import mesh_coordinates, mesh_shape, replicas
 
 log = logging.getLogger("lm.engine")
 
@@ -93,15 +98,23 @@ def misaligned_parameters(module: nn.Module, alignment: int = ALIGN_BYTES) -> li
 
 
 class Engine:
-    """What one training step needs of an engine. Subclasses set module, device, precision, optimizer."""
+    """What one training step needs of an engine. Subclasses set module, device, precision, optimizer.
+
+    The mesh: `dp_size` data-parallel indices (different sequences), `sp_size` ranks per sequence (sequence
+    parallelism: rank `sp_rank` of the group holds segment `sp_rank` of every sequence; `sp` is the group's
+    lm.parallel.sequence.SequenceContext, None without SP). The sampler serves whole sequences to each DP
+    index; `local_segment` cuts this rank's segment out of them."""
 
     module: nn.Module  # the trained model (a LanguageModel, or a PipelineModule for pipelines)
     device: torch.device
     precision: str
     optimizer: AdamW  # the real optimizer (inside any wrapper); its param_groups carry the lr
     dp_rank: int = 0
-    dp_size: int = 1
-    dp_group = None  # None = the default (world) group
+    dp_size: int = 1  # data-parallel indices: sequences of one global batch are split over these
+    dp_group = None  # the ranks that hold the same layers (codebook statistics); None = the default (world) group
+    sp = None  # SequenceContext of this rank's sequence-parallel group (None: one rank per sequence)
+    sp_rank: int = 0
+    sp_size: int = 1
     pipelined: bool = False
     quantizers: list  # (layer index, VectorQuantizer) living on this process
 
@@ -115,13 +128,26 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def apply_optim_config(self, optim) -> None:
+        """Betas, eps and weight decay of `optim` (an OptimConfig) into the optimizer, e.g. after a resume loaded
+        the saved ones. The groups are lm.optim.param_groups': decayed matrices first, then the rest."""
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["betas"], group["eps"] = (optim.beta1, optim.beta2), optim.eps
+            group["weight_decay"] = optim.weight_decay if i == 0 else 0.0
+
     def train(self) -> None:
         self.module.train()
 
     def eval(self) -> None:
         self.module.eval()
 
+    def local_segment(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a (B, T) batch of whole sequences (tokens or targets): the contiguous segment
+        [sp_rank T / sp_size, (sp_rank + 1) T / sp_size) under sequence parallelism, else the batch itself."""
+        return batch if self.sp is None else segment(batch, self.sp_rank, self.sp_size)
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, loss_chunk_tokens: int = 0):
+        """The model on this rank's tokens (x, targets y: its segment under SP), under the precision mode."""
         raise NotImplementedError
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -142,6 +168,10 @@ class TorchEngine(Engine):
         check_hardware(cfg, self.device)
         if cfg.parallel.pipeline_stages > 1:
             raise ConfigError("parallel.pipeline_stages > 1 needs the DeepSpeed engine (lm.train / --engine deepspeed)")
+        if cfg.parallel.sequence_parallel > 1:
+            raise ConfigError(f"parallel.sequence_parallel={cfg.parallel.sequence_parallel} needs the DeepSpeed engine on "
+                              f"that many processes (torchrun ... -m lm.train, or --engine deepspeed); the torch "
+                              f"engine runs one process: set parallel.sequence_parallel=1")
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.grad_clip = cfg.optim.grad_clip
         set_tf32(cfg.train.tf32)
@@ -168,7 +198,7 @@ class TorchEngine(Engine):
 
     def forward(self, x, y, loss_chunk_tokens: int = 0):
         with self.autocast():
-            return self.module(x, targets=y, loss_chunk_tokens=loss_chunk_tokens)
+            return self.module(x, targets=y, loss_chunk_tokens=loss_chunk_tokens, sp=self.sp)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -209,11 +239,18 @@ class DeepSpeedEngine(Engine):
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         check_hardware(cfg, self.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        pp = cfg.parallel.pipeline_stages
-        if world_size % pp:
-            raise ConfigError(f"parallel.pipeline_stages={pp} does not divide the {world_size} processes")
-        self.dp_size = world_size // pp
+        dp, sp, pp = mesh_shape(world_size, cfg)  # ConfigError naming the keys when it does not divide
+        self.dp_size, self.sp_size = dp, sp
         self.pipelined = pp > 1 or pipelined
+        if self.pipelined and sp > 1:
+            raise ConfigError(f"parallel.sequence_parallel={sp} cannot run a pipeline-layout model (a checkpoint saved "
+                              f"with parallel.pipeline_stages > 1): set parallel.sequence_parallel=1, or export the "
+                              f"checkpoint (`python -m lm.checkpoint export`) and start the SP run from that")
+        rank = tdist.get_rank() if tdist.is_initialized() else 0
+        if not self.pipelined:
+            self.dp_rank, self.sp_rank, _ = mesh_coordinates(rank, world_size, cfg)
+        # every rank builds every SP group, in the same order, before DeepSpeed builds its own groups
+        self.sp = build_sequence_context(sp)
         model = prepare_model(cfg)
         self.n_params = model.num_params()
         set_tf32(cfg.train.tf32)
@@ -226,7 +263,11 @@ class DeepSpeedEngine(Engine):
         else:
             net, self.loss_fn = model, None
             self.quantizers = model.named_quantizers()
-        self.ds_config = build_deepspeed_config(cfg.train, cfg.optim, cfg.parallel, self.dp_size, on_gpu, self.precision)
+        # DeepSpeed's data-parallel world is every replica of the parameters, DP x SP (the SP ranks of a
+        # sequence average their segment gradients like data-parallel ranks): its train_batch_size counts
+        # segments, the sampler's global batch (micro x accum x DP) whole sequences.
+        self.ds_config = build_deepspeed_config(cfg.train, cfg.optim, cfg.parallel, replicas(world_size, cfg), on_gpu,
+                                                self.precision)
         if load_universal:
             self.ds_config["checkpoint"] = {"load_universal": True}
         offload = cfg.parallel.offload_optimizer
@@ -241,8 +282,6 @@ class DeepSpeedEngine(Engine):
         if self.pipelined:
             grid = self.ds.grid
             self.dp_rank, self.dp_group = grid.get_data_parallel_rank(), grid.get_data_parallel_group()
-        else:
-            self.dp_rank, self.dp_group = (tdist.get_rank() if tdist.is_initialized() else 0), None
         if cfg.train.compile and on_gpu and cfg.parallel.zero_stage < 3:
             bad = misaligned_parameters(self.module)
             if bad:
@@ -253,7 +292,7 @@ class DeepSpeedEngine(Engine):
 
     def forward(self, x, y, loss_chunk_tokens: int = 0):
         # bf16-mixed: DeepSpeed's own torch_autocast section (its engine switches an outer autocast off)
-        return self.ds(x, targets=y, loss_chunk_tokens=loss_chunk_tokens)
+        return self.ds(x, targets=y, loss_chunk_tokens=loss_chunk_tokens, sp=self.sp)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)

@@ -13,6 +13,13 @@ in every mode.
   carry     segments of `context` tokens with the model state carried across them (LongVQ: EMA state and
             VQ cache, unbounded context at constant memory; Transformer: a growing KV cache).
 `autocast` is the context every forward runs under (Engine.autocast(); bf16-mixed models score as they train).
+
+Sequence parallelism (`sp`, an lm.parallel.sequence.SequenceContext; disjoint mode): every window is split
+into the group's segments, each rank runs its segment with the earlier segments' state from the other ranks
+(model(x, sp=sp)), and the sums are added over the group, so a context too long for one GPU is scored as it
+is trained. Collective: every rank of the group calls it with the same tokens and gets the same Score. A
+last, shorter window is padded to the full context at its end and only its real targets are scored (the
+model is causal: padding after a position does not change its prediction).
 """
 
 from __future__ import annotations
@@ -57,9 +64,9 @@ def _bar(total: int, enabled: bool, desc: str):
 @torch.no_grad()
 def score(model, tokens: torch.Tensor, *, mode: str = "disjoint", context: int, stride: Optional[int] = None,
           batch_size: int = 8, device=None, autocast: Callable = contextlib.nullcontext,
-          per_position: bool = False, progress: bool = False) -> Score:
+          per_position: bool = False, progress: bool = False, sp=None) -> Score:
     """NLL of `tokens` (1-D int64, at least 2) under `model` (called as model(x) -> .logits). See the module
-    docstring for the modes; raises ValueError on inputs that would score nothing."""
+    docstring for the modes and `sp`; raises ValueError on inputs that would score nothing."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     if tokens.dim() != 1 or len(tokens) < 2:
@@ -75,6 +82,10 @@ def score(model, tokens: torch.Tensor, *, mode: str = "disjoint", context: int, 
             if bar is not None:
                 bar.update(k)
 
+        if sp is not None:
+            if mode != "disjoint":
+                raise ValueError(f"sequence-parallel scoring is defined for mode=disjoint only, got mode={mode}")
+            return _disjoint_sp(model, tokens, context, batch_size, device, autocast, per_position, done, sp)
         if mode == "disjoint":
             return _disjoint(model, tokens, context, batch_size, device, autocast, per_position, done)
         if per_position:
@@ -112,6 +123,42 @@ def _disjoint(model, tokens, context, batch_size, device, autocast, per_position
         run(torch.stack([tokens[s: s + context] for s in group]), torch.stack([tokens[s + 1: s + context + 1] for s in group]))
     for s in starts[len(full):]:  # the last, shorter window
         run(tokens[s:n][None], tokens[s + 1:][None])
+    return Score(total, n, pos_sum, pos_cnt)
+
+
+def _disjoint_sp(model, tokens, context, batch_size, device, autocast, per_position, done, sp) -> Score:
+    import torch.distributed as dist
+
+    from lm.parallel.sequence import segment
+
+    if context % sp.size:
+        raise ValueError(f"context {context} is not divisible into {sp.size} sequence-parallel segments")
+    n = len(tokens) - 1
+    L = context // sp.size
+    starts = list(range(0, n, context))
+    padded = torch.cat([tokens, tokens.new_zeros(starts[-1] + context + 1 - len(tokens))])  # the last window, full length
+    sums = torch.zeros(1 + (2 * L if per_position else 0), dtype=torch.float64, device=device)  # total, pos sums, counts
+
+    for i in range(0, len(starts), batch_size):
+        group = starts[i: i + batch_size]
+        x = segment(torch.stack([padded[s: s + context] for s in group]), sp.rank, sp.size)
+        y = segment(torch.stack([padded[s + 1: s + context + 1] for s in group]), sp.rank, sp.size)
+        real = segment(torch.stack([torch.arange(s, s + context) < n for s in group]), sp.rank, sp.size).to(device)
+        with autocast():
+            logits = model(x.to(device), sp=sp).logits
+        nll = torch.where(real, token_nll(logits, y.to(device)).double(), 0.0)
+        sums[0] += nll.sum()
+        if per_position:
+            sums[1: 1 + L] += nll.sum(0)
+            sums[1 + L:] += real.sum(0)
+        done(sum(min(context, n - s) for s in group))
+    parts = [torch.zeros_like(sums) for _ in range(sp.size)]
+    dist.all_gather(parts, sums, group=sp.group)  # in segment order: rank r holds positions [r L, (r + 1) L)
+    total = float(sum(float(p[0]) for p in parts))
+    if not per_position:
+        return Score(total, n)
+    pos_sum = torch.cat([p[1: 1 + L] for p in parts]).cpu().numpy()
+    pos_cnt = torch.cat([p[1 + L:] for p in parts]).cpu().numpy().astype(np.int64)
     return Score(total, n, pos_sum, pos_cnt)
 
 

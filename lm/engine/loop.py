@@ -8,6 +8,10 @@ budget) and evals.throughput (a few timed steps).
 The loop owns the position in the data and in the schedule (LoopState, which the trainer checkpoints):
 batches are a pure function of the samples consumed (lm.data.WindowSampler), and the learning rate a pure
 function of the updates applied and of the elapsed fraction of a time budget (lm.optim schedules).
+
+The sampler serves whole sequences to each data-parallel index (engine.dp_rank of engine.dp_size); under
+sequence parallelism every rank of an SP group draws the same sequences and keeps its own segment
+(engine.local_segment). Samples are sequences: a step consumes micro x accum x DP of them, whatever SP is.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from lm.engine.step import StepResult, train_step
 class LoopState:
     step: int = 0  # optimizer steps taken, skipped ones included (progress against max_steps)
     updates: int = 0  # optimizer updates applied (the step schedule's position)
-    consumed: int = 0  # training samples consumed by all data-parallel ranks together
+    consumed: int = 0  # training sequences consumed by all data-parallel ranks together (not SP segments)
     elapsed: float = 0.0  # training seconds (the sum of step times)
 
     def to_dict(self) -> dict:
@@ -45,7 +49,18 @@ class TrainLoop:
 
     @property
     def samples_per_step(self) -> int:
+        """Sequences of one global batch (micro x accum x DP; SP ranks share their sequences)."""
         return self.micro * self.accum * self.engine.dp_size
+
+    def tokens_per_step(self, seq_len: int) -> int:
+        """Tokens one step trains on over the whole mesh, each counted once (throughput, MFU)."""
+        return self.samples_per_step * seq_len
+
+    def batches(self) -> list:
+        """This rank's micro-batches of the next step: whole sequences of its DP index, cut to its segment."""
+        s, e = self.state, self.engine
+        return [tuple(e.local_segment(t) for t in self.sampler.micro_batch(s.consumed, m, e.dp_rank, e.dp_size, self.micro))
+                for m in range(self.accum)]
 
     def time_fraction(self) -> float:
         return self.state.elapsed / self.time_budget_s if self.time_budget_s else 0.0
@@ -69,7 +84,7 @@ class TrainLoop:
         lr = self.lr()
         self._sync()
         t0 = time.perf_counter()
-        batches = [self.sampler.micro_batch(s.consumed, m, e.dp_rank, e.dp_size, self.micro) for m in range(self.accum)]
+        batches = self.batches()
         result = train_step(e, batches, lr=lr, loss_chunk_tokens=self.loss_chunk_tokens, stop=stop,
                             codebook_stats=codebook_stats)
         self._sync()

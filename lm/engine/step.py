@@ -7,8 +7,13 @@ loss, backward (gradients accumulate). Then one collective sums, over every proc
 commitment sums, the micro-batch count, the number of non-finite losses and the stop requests; that is the
 step's only host synchronisation besides what the engine's optimizer does. If any process saw a non-finite
 loss the step is skipped everywhere: no parameter, optimizer state or codebook changes, and the schedule
-does not advance. Otherwise the codebook statistics are summed over the data-parallel group and every
-codebook takes its EMA k-means update, and the engine applies the gradients at `lr`.
+does not advance. Otherwise the codebook statistics are summed over the replicas of each layer (data
+parallel x sequence parallel) and every codebook takes its EMA k-means update, and the engine applies the
+gradients at `lr`.
+
+Under sequence parallelism each micro-batch is this rank's segment of its sequences (equal segments): the
+reported loss, the mean of every rank's segment mean, is the mean over the whole sequences, and the
+engine's gradient average over the DP x SP replicas is the gradient of that mean.
 
 Pipelines run DeepSpeed's own schedule (engine.train_batch); they report the loss after the update, so
 they cannot skip (the config refuses on_nonfinite=skip with pipelines).

@@ -4,6 +4,7 @@ data-parallel all-reduce of codebook statistics (one bucketed collective per opt
 from __future__ import annotations
 
 import functools
+import contextlib
 import importlib
 import os
 import socket
@@ -46,6 +47,20 @@ def init_distributed():
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return deepspeed
+
+
+@contextlib.contextmanager
+def distributed():
+    """The process group for the duration of the block (launcher-less: a one-process group); a one-process
+    group created here is torn down afterwards, also after an error."""
+    created = not tdist.is_initialized()
+    ensure_launcher_env()
+    init_distributed()
+    try:
+        yield
+    finally:
+        if created and tdist.is_initialized() and tdist.get_world_size() == 1:
+            tdist.destroy_process_group()
 
 
 def shutdown_distributed() -> None:

@@ -127,3 +127,21 @@ def test_a_skipped_step_changes_nothing_under_deepspeed(stage):
 
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank():
     assert run_dist(_skip_check, world_size=2, stage=2, nan_rank=1) == [True, True]
+
+
+def test_a_recipe_the_hardware_cannot_run_is_refused_before_anything_is_built(tmp_path):
+    import subprocess
+    import sys
+
+    from lm.config import ConfigError
+    from lm.engine import check_hardware
+
+    cfg = tiny("model.longvq.attention_impl=fused")
+    with pytest.raises(ConfigError, match="attention_impl=fused needs a CUDA GPU.*attention_impl=auto"):
+        check_hardware(cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="attention_impl=fused"):
+        TorchEngine(cfg, device=torch.device("cpu"))
+    proc = subprocess.run([sys.executable, "-m", "lm.train", TINY, "model.longvq.attention_impl=fused",
+                           f"train.run_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "config error: model.longvq.attention_impl=fused needs a CUDA GPU" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

@@ -38,5 +38,5 @@ def test_attention_dropout_drops_the_attention_output_in_training_only(tiny_mode
 def test_dropout_values_are_checked():
     cfg = RunConfig()
     cfg.model.longvq.attention_dropout = 1.0
-    with pytest.raises(ConfigError, match=r"model\.longvq\.attention_dropout must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"model\.longvq\.attention_dropout is a dropout probability and must be in \[0, 1\)"):
         cfg.validate()
