@@ -232,9 +232,12 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, cfg: RunConfig, world_size: int, pipelined: bool = False, load_universal: bool = False):
         from lm.parallel.deepspeed_config import build_deepspeed_config
-        from lm.parallel.dist import import_deepspeed
+        from lm.parallel.dist import init_distributed
 
-        deepspeed = import_deepspeed()
+        deepspeed = init_distributed()  # the process group (idempotent): every rank must know its rank below
+        if tdist.get_world_size() != world_size:
+            raise ConfigError(f"the engine was asked for {world_size} processes but the process group has "
+                              f"{tdist.get_world_size()}: launch with as many processes as world_size")
         on_gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         check_hardware(cfg, self.device)
@@ -246,7 +249,7 @@ class DeepSpeedEngine(Engine):
             raise ConfigError(f"parallel.sequence_parallel={sp} cannot run a pipeline-layout model (a checkpoint saved "
                               f"with parallel.pipeline_stages > 1): set parallel.sequence_parallel=1, or export the "
                               f"checkpoint (`python -m lm.checkpoint export`) and start the SP run from that")
-        rank = tdist.get_rank() if tdist.is_initialized() else 0
+        rank = tdist.get_rank()
         if not self.pipelined:
             self.dp_rank, self.sp_rank, _ = mesh_coordinates(rank, world_size, cfg)
         # every rank builds every SP group, in the same order, before DeepSpeed builds its own groups
