@@ -174,8 +174,9 @@ class TransformerConfig:
 
     n_heads: int = 4
     rope_base: float = 10000.0
-    attn_backend: Literal["auto", "flash_attn", "cudnn", "flash", "efficient", "math"] = "auto"
-    """auto: flash-attn package if installed, else SDPA cuDNN, then flash (GPU) / flash, math (CPU)."""
+    attn_backend: Literal["auto", "flash_attn4", "flash_attn", "cudnn", "flash", "efficient", "math"] = "auto"
+    """auto: flash-attn 4 (flash_attn.cute, Hopper or newer) or flash-attn 2 when installed, else SDPA cuDNN, then
+    flash (GPU) / flash, math (CPU); a backend that raises is skipped for that module from then on."""
 
     ffn_kind: ClassVar[str] = "swiglu"
     """The FFN of a Transformer block: SwiGLU."""

@@ -253,7 +253,8 @@ def transformer_backends(cfg: RunConfig, device: torch.device) -> list[str]:
     when the recipe says auto."""
     if cfg.model.transformer.attn_backend != "auto" or device.type != "cuda":
         return [cfg.model.transformer.attn_backend]
-    return (["flash_attn"] if sdpa.flash_attn_available() else []) + ["cudnn", "flash"]
+    return ([name for name, ok in (("flash_attn4", sdpa.flash_attn4_available()), ("flash_attn", sdpa.flash_attn_available()))
+             if ok] + ["cudnn", "flash"])
 
 
 def with_backend(cfg: RunConfig, backend: str) -> RunConfig:
