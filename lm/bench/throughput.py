@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from lm.config import ConfigError, RunConfig
+from lm.bench.profile_breakdown import breakdown, breakdown_markdown, device_kernels
 from lm.engine import RandomTokens, TrainLoop, build_engine, prepare_model, resolve_precision
 from lm.metrics import FLOPS_FORMULA, PEAK_BF16_FLOPS, flops_per_token, head_dims
 from lm.ops import sdpa
@@ -297,4 +298,8 @@ def profile_step(cfg: RunConfig, context: int, *, tokens_per_step: int, engine: 
         sort_by=key, row_limit=rows // 2, max_name_column_width=40, max_shapes_column_width=90)
     by_stack = prof.key_averages(group_by_stack_n=4).table(
         sort_by=key, row_limit=rows // 2, max_name_column_width=40, max_src_column_width=110)
-    return f"{by_op}\n\nBy input shape:\n{by_shape}\n\nBy Python stack (4 frames):\n{by_stack}"
+    parts = [by_op, f"By input shape:\n{by_shape}", f"By Python stack (4 frames):\n{by_stack}"]
+    if cuda:
+        parts.insert(0, "Device time by kind of kernel (lm.bench.profile_breakdown):\n"
+                        + breakdown_markdown(breakdown(device_kernels(prof))))
+    return "\n\n".join(parts)
