@@ -6,7 +6,7 @@ through tests/ops/test_fused_interpreter.py.
 Tolerances (the kernel's log-sum-exp is float32 in a different summation order; its exp is the GPU's fast
 exp): per-row losses within 1e-5 absolute + 1e-5 relative; the in-place gradient in float32 within 1e-6
 absolute + 1e-5 relative; in bf16 / fp16 within one rounding step of the stored dtype (relative 2^-7 / 2^-10)
-plus 1e-6 absolute; float64 logits (interpreter only) carry the kernel's float32 accuracy. The LM-head loss
+plus 1e-6 absolute (Triton's interpreter truncates float32 -> bf16 where the GPU rounds to nearest); float64 logits (interpreter only) carry the kernel's float32 accuracy. The LM-head loss
 and the gradients of h and w: float32 within 1e-5 / 1e-4 of the full-logits reference; bf16 compute dtype
 within 2e-3 of the chunked torch path (the same bf16 GEMMs; the gradient rounds to bf16 in both).
 """
