@@ -114,7 +114,7 @@ def train_row(cfg: RunConfig, context: int, *, tokens_per_step: int, engine: str
     eng = build_engine(c, engine, device=device) if engine == "torch" else build_engine(c, engine)
     loop = TrainLoop(eng, RandomTokens(c.model.vocab_size, context, seed=0), StepSchedule(c.optim, c.train.max_steps),
                      micro_batch_size=c.train.micro_batch_size, loss_chunk_tokens=c.train.loss_chunk_tokens,
-                     max_steps=c.train.max_steps, sync_timing=True)
+                     loss_impl=c.train.loss_impl, max_steps=c.train.max_steps, sync_timing=True)
     eng.train()
     times = []
     while not loop.done():
@@ -128,7 +128,9 @@ def train_row(cfg: RunConfig, context: int, *, tokens_per_step: int, engine: str
            "zero_stage": c.parallel.zero_stage if engine == "deepspeed" else None, "compile": c.train.compile,
            "activation_checkpointing": c.parallel.activation_checkpointing,
            "checkpoint_blocks": c.parallel.activation_checkpointing_blocks if c.parallel.activation_checkpointing else None,
-           "loss_chunk_tokens": c.train.loss_chunk_tokens, "tf32": c.train.tf32, "final_loss": result.loss}
+           "loss_chunk_tokens": c.train.loss_chunk_tokens,
+           "loss_impl": c.train.loss_impl if c.train.loss_chunk_tokens else None, "tf32": c.train.tf32,
+           "final_loss": result.loss}
     del eng, loop
     return row
 
@@ -284,7 +286,7 @@ def profile_step(cfg: RunConfig, context: int, *, tokens_per_step: int, engine: 
     eng = build_engine(c, engine, device=device) if engine == "torch" else build_engine(c, engine)
     loop = TrainLoop(eng, RandomTokens(c.model.vocab_size, context), StepSchedule(c.optim, 3),
                      micro_batch_size=c.train.micro_batch_size, loss_chunk_tokens=c.train.loss_chunk_tokens,
-                     max_steps=3, sync_timing=True)
+                     loss_impl=c.train.loss_impl, max_steps=3, sync_timing=True)
     eng.train()
     loop.step()
     loop.step()
