@@ -12,6 +12,12 @@ def _fmt(x, spec: str) -> str:
     return "" if x is None else format(x, spec)
 
 
+def markdown_table(columns: list[str], rows: list[list]) -> list[str]:
+    """The lines of a markdown table: a header of `columns`, then one line per row of cells (str() of each)."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
 def recipes_line(recipes: dict | list, overrides: list) -> str:
     """'Recipes: ...; overrides `...`.' for a report's header: recipes as {arch: path} or a list of paths."""
     named = [f"{a}: `{r}`" for a, r in recipes.items()] if isinstance(recipes, dict) else [f"`{r}`" for r in recipes]
@@ -53,6 +59,7 @@ def finish_context_axis(ax, *, xlabel: str, ylabel: str, plotted: bool, log_y: b
 
 
 def throughput_markdown(rows: list[dict], path: Path, header: dict) -> None:
+    """The throughput benchmark (lm.bench.throughput) as a table, with the header's setting above it."""
     lines = [f"# Throughput: {header['tag']}", "",
              f"Device {header['device']}, torch {header['torch']}, {header['date']}, engine {header['engine']}, "
              f"{header['tokens_per_step']} tokens per training step, median of {header['steps']} steps after "
@@ -61,16 +68,15 @@ def throughput_markdown(rows: list[dict], path: Path, header: dict) -> None:
              "Parameters: " + ", ".join(f"{a} {n:,}" for a, n in header["params"].items())
              + f" (ratio longvq/transformer {header['param_ratio']:.3f}).", "",
              "FLOPs per token: " + "; ".join(f"{a}: {f}" for a, f in FLOPS_FORMULA.items())
-             + (f". Peak {header['peak_flops']:.4g} FLOP/s." if header["peak_flops"] else ". No MFU (no peak given for this device)."), "",
-             "| mode | arch | context | batch | precision | backend | tokens/s | ms/token | peak GiB | MFU | vs best baseline | best baseline | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["mode"] != "train", r["context"], r["arch"], str(r["backend"]))):
-        lines.append(
-            f"| {r['mode']} | {r['arch']} | {r['context']} | {r.get('batch', '')} | {r.get('precision') or ''} | "
-            f"{r['backend'] or ''} | {_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r.get('ms_per_token'), '.2f')} | "
-            f"{_fmt(r['peak_mem_gib'], '.2f')} | {_fmt(r['mfu'], '.3f')} | {_fmt(r.get('speedup_vs_best_baseline'), '.2f')} | "
-            f"{'yes' if r.get('best_baseline') else ''} | {r.get('error', '')} |")
-    path.write_text("\n".join(lines) + "\n")
+             + (f". Peak {header['peak_flops']:.4g} FLOP/s." if header["peak_flops"] else ". No MFU (no peak given for this device)."), ""]
+    columns = ["mode", "arch", "context", "batch", "precision", "backend", "tokens/s", "ms/token", "peak GiB", "MFU",
+               "vs best baseline", "best baseline", "note"]
+    cells = [[r["mode"], r["arch"], r["context"], r.get("batch", ""), r.get("precision") or "", r["backend"] or "",
+              _fmt(r["tokens_per_s"], ",.0f"), _fmt(r.get("ms_per_token"), ".2f"), _fmt(r["peak_mem_gib"], ".2f"),
+              _fmt(r["mfu"], ".3f"), _fmt(r.get("speedup_vs_best_baseline"), ".2f"),
+              "yes" if r.get("best_baseline") else "", r.get("error", "")]
+             for r in sorted(rows, key=lambda r: (r["mode"] != "train", r["context"], r["arch"], str(r["backend"])))]
+    path.write_text("\n".join(lines + markdown_table(columns, cells)) + "\n")
 
 
 def throughput_plot(rows: list[dict], path: Path, title: str) -> None:
@@ -111,17 +117,15 @@ def sequence_parallel_markdown(rows: list[dict], path: Path, header: dict) -> No
              recipes_line(header["recipes"], header["overrides"]), "",
              "Exchange: bytes one middle rank receives per layer per optimizer step, forward + backward "
              "(lm.parallel.sequence.exchange_bytes). Efficiency: tokens/s per GPU over the SP = 1 row's at "
-             "context / SP.", "",
-             "| arch | context | SP | tokens/GPU | precision | tokens/s | tokens/s/GPU | efficiency | peak GiB/GPU | "
-             "exchange MiB/layer/step | MFU | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["arch"], r["sequence_parallel"], r["context"])):
-        lines.append(
-            f"| {r['arch']} | {r['context']} | {r['sequence_parallel']} | {r['segment']} | {r.get('precision') or ''} | "
-            f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['tokens_per_s_per_gpu'], ',.0f')} | {_fmt(r['efficiency'], '.3f')} | "
-            f"{_fmt(r['peak_mem_gib'], '.2f')} | {_fmt(r['exchange_bytes_per_layer_per_step'] / 2**20, '.2f')} | "
-            f"{_fmt(r['mfu'], '.3f')} | {r.get('error', '')} |")
-    path.write_text("\n".join(lines) + "\n")
+             "context / SP.", ""]
+    columns = ["arch", "context", "SP", "tokens/GPU", "precision", "tokens/s", "tokens/s/GPU", "efficiency",
+               "peak GiB/GPU", "exchange MiB/layer/step", "MFU", "note"]
+    cells = [[r["arch"], r["context"], r["sequence_parallel"], r["segment"], r.get("precision") or "",
+              _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["tokens_per_s_per_gpu"], ",.0f"), _fmt(r["efficiency"], ".3f"),
+              _fmt(r["peak_mem_gib"], ".2f"), _fmt(r["exchange_bytes_per_layer_per_step"] / 2**20, ".2f"),
+              _fmt(r["mfu"], ".3f"), r.get("error", "")]
+             for r in sorted(rows, key=lambda r: (r["arch"], r["sequence_parallel"], r["context"]))]
+    path.write_text("\n".join(lines + markdown_table(columns, cells)) + "\n")
 
 
 def sequence_parallel_plot(rows: list[dict], path: Path, title: str) -> None:
