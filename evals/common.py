@@ -5,6 +5,7 @@ export dir written by `python -m lm.checkpoint export` (model.safetensors + conf
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -35,6 +36,26 @@ def pick_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"--device {name!r}: only cpu and cuda devices are supported; use auto, cpu, cuda or cuda:N")
     return device
+
+
+def recipe_parser(prog: str, doc: str, *, overrides_help: str, recipe_help: str) -> argparse.ArgumentParser:
+    """The parser of a benchmark over training recipes: positional KEY=VALUE config overrides and a repeatable
+    --recipe (args.recipes); finish with `parse_recipe_args`."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+    p.add_argument("--recipe", dest="recipes", action="append", default=None, help=recipe_help)
+    return p
+
+
+def parse_recipe_args(p: argparse.ArgumentParser, argv, default_recipes: list[str]) -> argparse.Namespace:
+    """Parse argv with a `recipe_parser`: an override without '=' (a recipe given without --recipe) is a usage
+    error; no --recipe means default_recipes."""
+    args = p.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        p.error(f"{bad[0]!r} is not a key=value override (recipes go after --recipe)")
+    args.recipes = args.recipes or list(default_recipes)
+    return args
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
