@@ -45,7 +45,8 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch settings (evals/bench_kernels.py --sweep passes others to `ema_scan_triton`)."""
+    """Launch settings (the sweep of lm.bench.kernels, `python -m evals.bench_kernels --sweep`, passes others to
+    `ema_scan_triton`)."""
 
     chunk: int = 128
     """Tokens per chunk."""

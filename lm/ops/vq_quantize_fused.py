@@ -33,7 +33,7 @@ _SUPPORTED_DIMS = (16, 32, 64, 128)
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch settings (evals/bench_kernels.py --sweep passes others to `vq_quantize_fused`). Every program
+    """Launch settings (the sweep of lm.bench.kernels passes others to `vq_quantize_fused`). Every program
     reads the head's whole codebook (64 KB in bf16 at S = 512, d = 64) from L2, so more rows per program means
     less L2 traffic."""
 
