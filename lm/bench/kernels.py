@@ -7,7 +7,7 @@ quantizer against its PyTorch twin, and the sync-free codebook update.
 
 For each kernel it first checks the results in `dtype` (bf16 on the GPU) against the fp32 reference (relative
 errors in result["checks"], kernels above the declared tolerance in result["failed_checks"]), then times forward
-and forward+backward (`Timer`: median of triton.testing.do_bench on CUDA) at one block of the 125M model
+and forward+backward (lm.bench.timing.Timer: median of triton.testing.do_bench on CUDA) at one block of the 125M model
 (`BlockShape`: D = 768, N = 16, 12 heads of 64, S = 512) with `tokens` tokens per call (B = tokens / T). The
 Triton kernels are called directly, so the benchmark also runs on the CPU under TRITON_INTERPRET=1 (fp32, tiny
 shapes; timings there mean nothing). `ideal_*` columns are the roofline bound of the kernel's own traffic and
@@ -20,14 +20,13 @@ import dataclasses
 import itertools
 import logging
 import platform
-import statistics
-import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import triton
 
+from lm.bench.timing import Timer, rel_error
 from lm.model.ema import MultiDimEMA
 from lm.model.quantizer import VectorQuantizer
 from lm.ops import ema_scan_fused, vq_quantize_fused
@@ -45,6 +44,10 @@ EMA_SWEEP = tuple(itertools.product((64, 128, 256), (16, 32, 64), (1, 2, 4, 8), 
 """(chunk, block_d, warps, unroll) launch settings the EMA sweep tries."""
 QUANTIZE_SWEEP = tuple(itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (1, 2, 3)))
 """(block_m, block_s, warps, stages) launch settings the quantizer sweep tries."""
+ARM_MS = (10, 50)
+"""(warm-up, timed) milliseconds per compared arm (Timer)."""
+SWEEP_MS = (3, 10)
+"""(warm-up, timed) milliseconds per swept launch setting."""
 
 
 @dataclass(frozen=True)
@@ -56,43 +59,6 @@ class BlockShape:
     H: int = 12
     d: int = 64
     S: int = 512
-
-
-@dataclass(frozen=True)
-class Timer:
-    """Milliseconds per call: the median of triton.testing.do_bench on CUDA, of wall-clock calls elsewhere.
-    `ms` for the compared arms, `sweep_ms` (fewer repetitions) for launch-setting sweeps."""
-
-    device: torch.device
-    warmup: int = 10
-    rep: int = 50
-    sweep_warmup: int = 3
-    sweep_rep: int = 10
-
-    def ms(self, fn: Callable[[], object]) -> float:
-        return self._median(fn, self.warmup, self.rep)
-
-    def sweep_ms(self, fn: Callable[[], object]) -> float:
-        return self._median(fn, self.sweep_warmup, self.sweep_rep)
-
-    def _median(self, fn, warmup: int, rep: int) -> float:
-        if self.device.type == "cuda":
-            import triton.testing
-
-            return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(max(1, rep)):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64."""
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
 def ema_cost(tokens: int, D: int, N: int, chunk: int) -> tuple[int, int, int, int]:
@@ -156,12 +122,12 @@ def ema_check(shape: BlockShape, T: int, B: int, device: torch.device, dtype=tor
     return errors, ok
 
 
-def ema_rows(shape: BlockShape, tokens: int, contexts: Iterable[int], device: torch.device, timer: Timer,
+def ema_rows(shape: BlockShape, tokens: int, contexts: Iterable[int], device: torch.device,
              dtype=torch.bfloat16, compile_fft: bool = False) -> list[dict]:
     """Per context: the FFT path ('fft', and 'fft_compiled' under torch.compile when asked) and the Triton scan
     ('triton_scan', with its achieved GB/s and roofline), forward and forward+backward, speed-up against fft."""
     D, N = shape.D, shape.N
-    rows = []
+    timer, rows = Timer(device), []
     for T in contexts:
         B = max(1, tokens // T)
         x = torch.randn(B, T, D, device=device).to(dtype).requires_grad_()
@@ -173,8 +139,8 @@ def ema_rows(shape: BlockShape, tokens: int, contexts: Iterable[int], device: to
         fb, bb, ff, bf = ema_cost(B * T, D, N, ema_scan_fused.CONFIG.chunk)
         context_rows = []
         for name, fn in fns.items():
-            fwd = timer.ms(fn)
-            row = dict(kernel="ema", arm=name, T=T, B=B, fwd_ms=fwd, fwd_bwd_ms=timer.ms(lambda: fn().backward(gy)))
+            fwd, fwd_bwd = timer(fn, *ARM_MS), timer(lambda: fn().backward(gy), *ARM_MS)
+            row = dict(kernel="ema", arm=name, T=T, B=B, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd)
             if name == "triton_scan":
                 row.update(fwd_GBps=fb / fwd / 1e6, ideal_fwd_ms=roofline_ms(fb, ff, FP32_FLOPS),
                            ideal_fwd_bwd_ms=roofline_ms(fb + bb, ff + bf, FP32_FLOPS))
@@ -185,7 +151,7 @@ def ema_rows(shape: BlockShape, tokens: int, contexts: Iterable[int], device: to
     return rows
 
 
-def ema_sweep(shape: BlockShape, tokens: int, T: int, device: torch.device, timer: Timer, dtype=torch.bfloat16,
+def ema_sweep(shape: BlockShape, tokens: int, T: int, device: torch.device, dtype=torch.bfloat16,
               grid: Iterable[tuple] = EMA_SWEEP) -> list[dict]:
     """Forward+backward of the Triton scan per (chunk, block_d, warps, unroll) in grid, fastest first; settings
     that do not compile are logged and left out."""
@@ -194,13 +160,13 @@ def ema_sweep(shape: BlockShape, tokens: int, T: int, device: torch.device, time
     m = MultiDimEMA(D, N).to(device)
     x = torch.randn(B, T, D, device=device).to(dtype).requires_grad_()
     gy = torch.randn(B, T, D, device=device).to(dtype)
-    rows = []
+    timer, rows = Timer(device), []
     for chunk, bd, warps, unroll in grid:
         if bd * N // (32 * warps) < 1:
             continue
         config = dataclasses.replace(ema_scan_fused.CONFIG, chunk=chunk, block_d=bd, warps=warps, unroll=unroll)
         try:
-            ms = timer.sweep_ms(lambda: ema_scan_call(m, x, config).backward(gy))
+            ms = timer(lambda: ema_scan_call(m, x, config).backward(gy), *SWEEP_MS)
         except Exception as e:  # noqa: BLE001  (a setting that does not compile: report and go on)
             log.warning("EMA sweep chunk=%d block_d=%d warps=%d unroll=%d failed: %.80r", chunk, bd, warps, unroll, e)
             continue
@@ -214,7 +180,7 @@ def _quantizer_stats(shape: BlockShape, device: torch.device):
     return (torch.zeros(H, S, device=device), torch.zeros(H, S, d, device=device), torch.zeros(2, device=device))
 
 
-def quantize_rows(shape: BlockShape, tokens: int, T: int, device: torch.device, timer: Timer,
+def quantize_rows(shape: BlockShape, tokens: int, T: int, device: torch.device,
                   dtype=torch.bfloat16) -> tuple[list[dict], dict, bool]:
     """(rows, checks, ok): the fused quantizer against vq_quantize_reference at context T, keys in dtype. Checks:
     the fraction of equal codes, the commitment loss's and the code sums' relative errors."""
@@ -230,7 +196,7 @@ def quantize_rows(shape: BlockShape, tokens: int, T: int, device: torch.device, 
               "stat_sum": rel_error(st_fused[1], st_ref[1])}
     ok = checks["codes_equal"] >= TOL_BF16["codes_equal"] and checks["commit"] <= TOL_BF16["commit"]
     fb, bb, fl = quantize_cost(B * T, H, d, S)
-    rows = []
+    timer, rows = Timer(device), []
     for name, fn in (("reference", vq_quantize_reference), ("fused", vq_quantize_fused.vq_quantize_fused)):
         st = _quantizer_stats(shape, device)
 
@@ -238,8 +204,8 @@ def quantize_rows(shape: BlockShape, tokens: int, T: int, device: torch.device, 
             k_hat, _, c = fn(k, cb, stats=st)
             (k_hat.float().sum() + c).backward()
 
-        row = dict(kernel="quantize", arm=name, T=T, B=B, fwd_ms=timer.ms(lambda fn=fn, st=st: fn(k, cb, stats=st)),
-                   fwd_bwd_ms=timer.ms(fwd_bwd))
+        fwd = timer(lambda fn=fn, st=st: fn(k, cb, stats=st), *ARM_MS)
+        row = dict(kernel="quantize", arm=name, T=T, B=B, fwd_ms=fwd, fwd_bwd_ms=timer(fwd_bwd, *ARM_MS))
         if name == "fused":
             row.update(ideal_fwd_ms=roofline_ms(fb, fl, BF16_FLOPS), ideal_fwd_bwd_ms=roofline_ms(fb + bb, fl, BF16_FLOPS))
         rows.append(row)
@@ -247,7 +213,7 @@ def quantize_rows(shape: BlockShape, tokens: int, T: int, device: torch.device, 
     return rows, checks, ok
 
 
-def quantize_sweep(shape: BlockShape, tokens: int, T: int, device: torch.device, timer: Timer, dtype=torch.bfloat16,
+def quantize_sweep(shape: BlockShape, tokens: int, T: int, device: torch.device, dtype=torch.bfloat16,
                    grid: Iterable[tuple] = QUANTIZE_SWEEP) -> list[dict]:
     """Forward of the fused quantizer per (block_m, block_s, warps, stages) in grid, fastest first; settings that do
     not compile are logged and left out."""
@@ -256,11 +222,11 @@ def quantize_sweep(shape: BlockShape, tokens: int, T: int, device: torch.device,
     cb = torch.randn(H, S, d, device=device)
     k = torch.randn(B, T, H, d, device=device).to(dtype)
     st = _quantizer_stats(shape, device)
-    rows = []
+    timer, rows = Timer(device), []
     for bm, bs, warps, stages in grid:
         config = dataclasses.replace(vq_quantize_fused.CONFIG, block_m=bm, block_s=bs, warps=warps, stages=stages)
         try:
-            ms = timer.sweep_ms(lambda: vq_quantize_fused.vq_quantize_fused(k, cb, stats=st, config=config))
+            ms = timer(lambda: vq_quantize_fused.vq_quantize_fused(k, cb, stats=st, config=config), *SWEEP_MS)
         except Exception as e:  # noqa: BLE001  (a setting that does not compile: report and go on)
             log.warning("quantizer sweep block_m=%d block_s=%d warps=%d stages=%d failed: %.80r", bm, bs, warps,
                         stages, e)
@@ -270,11 +236,11 @@ def quantize_sweep(shape: BlockShape, tokens: int, T: int, device: torch.device,
     return sorted(rows, key=lambda r: r["fwd_ms"])
 
 
-def update_rows(shape: BlockShape, layers: int, device: torch.device, timer: Timer, tokens: int = 2048) -> list[dict]:
+def update_rows(shape: BlockShape, layers: int, device: torch.device, tokens: int = 2048) -> list[dict]:
     """VectorQuantizer.apply_update for `layers` quantizers (one optimizer step, timed as forwards + updates minus
     forwards), split and batch re-seeding. On CUDA the update also runs once under
     torch.cuda.set_sync_debug_mode('error'): sync_free is False when it synchronises with the host (None off CUDA)."""
-    rows = []
+    timer, rows = Timer(device), []
     for mode in ("split", "batch"):
         vqs = [VectorQuantizer(shape.H, shape.S, shape.d, dead_code_reseed=mode).to(device).train()
                for _ in range(layers)]
@@ -292,7 +258,7 @@ def update_rows(shape: BlockShape, layers: int, device: torch.device, timer: Tim
         step()
         forwards()
         sync_free = _runs_without_sync(lambda: [vq.apply_update() for vq in vqs]) if device.type == "cuda" else None
-        step_ms, fwd_ms = timer.ms(step), timer.ms(forwards)
+        step_ms, fwd_ms = timer(step, *ARM_MS), timer(forwards, *ARM_MS)
         forwards()  # leave no statistics pending
         for vq in vqs:
             vq.reset_stats()
@@ -318,7 +284,7 @@ def device_name(device: torch.device) -> str:
 
 
 def run_kernel_bench(kernels: Iterable[str], tokens: int, contexts: list[int], device: torch.device, *,
-                     timer: Timer | None = None, dtype=torch.bfloat16, shape: BlockShape = BlockShape(),
+                     dtype=torch.bfloat16, shape: BlockShape = BlockShape(),
                      sweep: bool = False, sweep_grids: tuple = (EMA_SWEEP, QUANTIZE_SWEEP), top: int = 10,
                      compile_fft: bool = False, update_layers: int = 12, update_tokens: int = 2048) -> dict:
     """The whole benchmark: {"meta", "checks", "rows", "failed_checks"}.
@@ -329,22 +295,21 @@ def run_kernel_bench(kernels: Iterable[str], tokens: int, contexts: list[int], d
     unknown = kernels - set(KERNELS)
     if unknown:
         raise ValueError(f"unknown kernel(s) {sorted(unknown)}: choose from {', '.join(KERNELS)}")
-    timer = timer or Timer(device)
     rows, checks, failed = [], {}, []
     if "ema" in kernels:
         checks["ema"], ok = ema_check(shape, min(contexts[0], 8192), 2, device, dtype)
         failed += [] if ok else ["ema"]
-        rows += ema_rows(shape, tokens, contexts, device, timer, dtype, compile_fft)
+        rows += ema_rows(shape, tokens, contexts, device, dtype, compile_fft)
         if sweep:
-            rows += ema_sweep(shape, tokens, contexts[0], device, timer, dtype, sweep_grids[0])[:top]
+            rows += ema_sweep(shape, tokens, contexts[0], device, dtype, sweep_grids[0])[:top]
     if "quantize" in kernels:
-        qrows, checks["quantize"], ok = quantize_rows(shape, tokens, contexts[0], device, timer, dtype)
+        qrows, checks["quantize"], ok = quantize_rows(shape, tokens, contexts[0], device, dtype)
         failed += [] if ok else ["quantize"]
         rows += qrows
         if sweep:
-            rows += quantize_sweep(shape, tokens, contexts[0], device, timer, dtype, sweep_grids[1])[:top]
+            rows += quantize_sweep(shape, tokens, contexts[0], device, dtype, sweep_grids[1])[:top]
     if "update" in kernels:
-        rows += update_rows(shape, update_layers, device, timer, update_tokens)
+        rows += update_rows(shape, update_layers, device, update_tokens)
     meta = dict(device=device_name(device), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), tokens=tokens, dtype=str(dtype).replace("torch.", ""),
                 tolerances=TOL_BF16, ema_config=dataclasses.asdict(ema_scan_fused.CONFIG),
@@ -374,6 +339,6 @@ def kernel_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-__all__ = ["BlockShape", "Timer", "KERNELS", "TOL_BF16", "EMA_SWEEP", "QUANTIZE_SWEEP", "rel_error", "ema_cost",
+__all__ = ["BlockShape", "KERNELS", "TOL_BF16", "EMA_SWEEP", "QUANTIZE_SWEEP", "ARM_MS", "SWEEP_MS", "ema_cost",
            "quantize_cost", "roofline_ms", "ema_scan_call", "ema_check", "ema_rows", "ema_sweep", "quantize_rows",
            "quantize_sweep", "update_rows", "device_name", "run_kernel_bench", "kernel_table"]

@@ -5,6 +5,7 @@ tests/ops/test_fused_interpreter.py runs them under TRITON_INTERPRET=1 in fp32 (
 the checks, the rows' structure and the sweep's bookkeeping do)."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -12,18 +13,18 @@ import torch
 pytest.importorskip("triton")
 from evals import bench_kernels as cli  # noqa: E402
 from lm.bench import kernels as kb  # noqa: E402
+from lm.bench.timing import Timer  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SHAPE = kb.BlockShape(D=16, N=4, H=2, d=16, S=16)
-TIMER = kb.Timer(DEVICE, warmup=1, rep=2, sweep_warmup=0, sweep_rep=1)
 
 
 @pytest.mark.gpu
 @pytest.mark.triton_interpret
 def test_the_whole_benchmark_on_tiny_shapes():
-    res = kb.run_kernel_bench(kb.KERNELS, 64, [32, 64], DEVICE, timer=TIMER, dtype=DTYPE, shape=SHAPE,
+    res = kb.run_kernel_bench(kb.KERNELS, 64, [32, 64], DEVICE, dtype=DTYPE, shape=SHAPE,
                               sweep=True, sweep_grids=([(32, 16, 1, 4), (16, 16, 1, 2)], [(32, 16, 1, 1)]), top=1,
                               update_layers=2, update_tokens=64)
     assert res["failed_checks"] == [], res["checks"]
@@ -61,14 +62,20 @@ def test_a_wrong_kernel_fails_its_check(monkeypatch):
         return k_hat, (codes + 1) % cb.shape[1], commit
 
     monkeypatch.setattr(vq_quantize_fused, "vq_quantize_fused", shifted)
-    _, checks, ok = kb.quantize_rows(SHAPE, 64, 32, DEVICE, TIMER, DTYPE)
+    _, checks, ok = kb.quantize_rows(SHAPE, 64, 32, DEVICE, DTYPE)
     assert not ok and checks["codes_equal"] < 0.5
 
 
-def test_cpu_timer_is_the_median_of_wall_clock_calls():
+def test_cpu_timer_runs_its_budgets_with_at_least_one_call_each():
     calls = []
-    ms = kb.Timer(torch.device("cpu"), warmup=2, rep=3).ms(lambda: calls.append(1))
-    assert len(calls) == 5 and 0 <= ms < 50
+    timer = Timer(torch.device("cpu"))
+    assert timer(lambda: calls.append(1), warmup=0, rep=0) >= 0 and len(calls) == 1
+    calls.clear()
+    assert timer(lambda: (calls.append(1), time.sleep(0.03)), warmup=1, rep=1) >= 30
+    assert len(calls) == 2  # each budget is shorter than one call
+    calls.clear()
+    timer(lambda: calls.append(1), warmup=5, rep=20)
+    assert len(calls) > 2
 
 
 def test_unknown_kernel_is_refused():
