@@ -18,6 +18,7 @@ MODULES = {
     "tests/ops/test_ema_scan.py": 18,
     "tests/ops/test_vq_quantize.py": 19,
     "tests/evals/test_bench_kernels.py": 2,
+    "tests/evals/test_bench_vq_attention.py": 3,
 }
 
 
