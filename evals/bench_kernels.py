@@ -20,22 +20,20 @@ from pathlib import Path
 
 import torch
 
+from evals.common import kernel_bench_unavailable, positive_ints
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m evals.bench_kernels", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=65536, help="tokens per call (B = tokens / T)")
-    p.add_argument("--contexts", default="4096,8192,32768,131072", help="comma-separated T values")
+    p.add_argument("--contexts", type=positive_ints, default="4096,8192,32768,131072", help="comma-separated T values")
     p.add_argument("--kernels", default="ema,quantize,update", help="comma-separated: ema, quantize, update")
     p.add_argument("--sweep", action="store_true", help="also sweep the EMA scan and quantizer CONFIG (first context)")
     p.add_argument("--compile-fft", action="store_true", help="also time the FFT path under torch.compile")
     p.add_argument("--out", default=None, help="JSON path (default runs/bench_kernels_<date>.json)")
     args = p.parse_args(argv)
-    try:
-        args.contexts = [int(c) for c in args.contexts.split(",")]
-    except ValueError:
-        p.error(f"--contexts {args.contexts!r}: give comma-separated token counts, e.g. 8192,131072")
-    if args.tokens < 1 or min(args.contexts) < 1:
-        p.error("--tokens and --contexts must be >= 1")
+    if args.tokens < 1:
+        p.error("--tokens must be >= 1")
     args.kernels = args.kernels.split(",")
     bad = [k for k in args.kernels if k not in ("ema", "quantize", "update")]
     if bad:
@@ -45,14 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("evals.bench_kernels needs a CUDA GPU (none found); run it on the GPU machine", file=sys.stderr)
+    why = kernel_bench_unavailable("evals.bench_kernels")
+    if why:
+        print(why, file=sys.stderr)
         return 2
-    try:
-        from lm.bench import kernels as kb
-    except ImportError:
-        print("evals.bench_kernels needs Triton (pip install triton)", file=sys.stderr)
-        return 2
+    from lm.bench import kernels as kb
+
     torch.backends.cuda.matmul.allow_tf32 = False
     result = kb.run_kernel_bench(args.kernels, args.tokens, args.contexts, torch.device("cuda"), sweep=args.sweep,
                                  compile_fft=args.compile_fft)

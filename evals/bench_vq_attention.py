@@ -19,44 +19,39 @@ import sys
 
 import torch
 
+from evals.common import kernel_bench_unavailable, positive_ints
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m evals.bench_vq_attention", description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
-    ap.add_argument("--contexts", default="2048,4096,8192,16384,32768,65536,131072")
+    ap.add_argument("--contexts", type=positive_ints, default="2048,4096,8192,16384,32768,65536,131072")
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--dk", type=int, default=64)
     ap.add_argument("--dv", type=int, default=64)
-    ap.add_argument("--chunks", default="512,256")
+    ap.add_argument("--chunks", type=positive_ints, default="512,256")
     ap.add_argument("--codebook", type=int, default=512)
     ap.add_argument("--no-ref", action="store_true", help="skip timing the chunked PyTorch reference")
     ap.add_argument("--sweep", action="store_true", help="sweep fused kernel configs at 8K first")
     ap.add_argument("--skip-check", action="store_true")
     args = ap.parse_args(argv)
-    try:
-        args.contexts = [int(t) for t in args.contexts.split(",")]
-        args.chunks = [int(c) for c in args.chunks.split(",")]
-    except ValueError:
-        ap.error("--contexts and --chunks take comma-separated integers, e.g. --contexts 8192,131072")
-    if min(args.contexts + args.chunks + [args.tokens, args.heads, args.dk, args.dv, args.codebook]) < 1:
-        ap.error("--contexts, --chunks, --tokens, --heads, --dk, --dv and --codebook must be >= 1")
+    if min(args.tokens, args.heads, args.dk, args.dv, args.codebook) < 1:
+        ap.error("--tokens, --heads, --dk, --dv and --codebook must be >= 1")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("evals.bench_vq_attention needs a CUDA GPU (none found); run it on the GPU machine", file=sys.stderr)
+    why = kernel_bench_unavailable("evals.bench_vq_attention")
+    if why:
+        print(why, file=sys.stderr)
         return 2
-    try:
-        import triton
+    import triton
 
-        from lm.bench import vq_attention as vb
-        from lm.ops import vq_attention_fused as fz
-    except ImportError:
-        print("evals.bench_vq_attention needs Triton (pip install triton)", file=sys.stderr)
-        return 2
+    from lm.bench import vq_attention as vb
+    from lm.ops import vq_attention_fused as fz
+
     device = torch.device("cuda")
     shape = vb.AttentionShape(args.heads, args.dk, args.dv, args.codebook)
     info = {"date": _dt.date.today().isoformat(), "device": torch.cuda.get_device_name(),

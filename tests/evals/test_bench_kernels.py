@@ -1,4 +1,4 @@
-"""lm.bench.kernels (the method of python -m evals.bench_kernels) on tiny shapes, and its CLI's refusals.
+"""lm.bench.kernels (the method of python -m evals.bench_kernels) on tiny shapes.
 
 The `gpu` + `triton_interpret` tests call the Triton kernels: on a GPU they run on CUDA in bf16; on the CPU
 tests/ops/test_fused_interpreter.py runs them under TRITON_INTERPRET=1 in fp32 (the timings mean nothing there;
@@ -11,7 +11,6 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from evals import bench_kernels as cli  # noqa: E402
 from lm.bench import kernels as kb  # noqa: E402
 from lm.bench.timing import Timer  # noqa: E402
 
@@ -81,20 +80,3 @@ def test_cpu_timer_runs_its_budgets_with_at_least_one_call_each():
 def test_unknown_kernel_is_refused():
     with pytest.raises(ValueError, match="unknown kernel"):
         kb.run_kernel_bench(["attention"], 64, [32], torch.device("cpu"))
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--kernels", "ema,attention"], "--kernels 'attention': choose from ema, quantize, update"),
-    (["--contexts", "8k"], "--contexts '8k': give comma-separated token counts"),
-    (["--tokens", "0"], "--tokens and --contexts must be >= 1"),
-])
-def test_cli_refuses_bad_arguments(argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.parse_args(argv)
-    assert exc.value.code == 2 and message in capsys.readouterr().err
-
-
-@pytest.mark.skipif(CUDA, reason="the no-GPU refusal")
-def test_cli_needs_a_gpu(capsys):
-    assert cli.main([]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""lm.bench.vq_attention (the method of python -m evals.bench_vq_attention) on tiny shapes, and its CLI's refusals.
+"""lm.bench.vq_attention (the method of python -m evals.bench_vq_attention) on tiny shapes.
 
 The `gpu` + `triton_interpret` tests call the fused kernel: on a GPU on CUDA; on the CPU
 tests/ops/test_fused_interpreter.py runs them under TRITON_INTERPRET=1 in fp32 with SDPA's math backend."""
@@ -7,7 +7,6 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from evals import bench_vq_attention as cli  # noqa: E402
 from lm.bench import vq_attention as vb  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -58,19 +57,3 @@ def test_flop_counts():
     assert vb.vq_flops(1, 64, 1, 16, 16, 64, 32) == 3.5 * 2 * 64 * 32 * 32
     assert vb.vq_flops(1, 256, 1, 16, 16, 64, 32) == 3.5 * 2 * 256 * (32 + 64 + 32) * 32
     assert vb.sdpa_flops(1, 64, 1, 16) == 3.5 * 2 * 64 * 32 * 32
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--contexts", "8k"], "--contexts and --chunks take comma-separated integers"),
-    (["--chunks", "0"], "must be >= 1"),
-])
-def test_cli_refuses_bad_arguments(argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.parse_args(argv)
-    assert exc.value.code == 2 and message in capsys.readouterr().err
-
-
-@pytest.mark.skipif(CUDA, reason="the no-GPU refusal")
-def test_cli_needs_a_gpu(capsys):
-    assert cli.main([]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
