@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("triton")
 from lm.bench import kernels as kb  # noqa: E402
 from lm.bench.timing import Timer  # noqa: E402
+from tests.fused_kernels import CUDA  # noqa: E402
 
-CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SHAPE = kb.BlockShape(D=16, N=4, H=2, d=16, S=16)

@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("triton")
 from lm.bench import vq_attention as vb  # noqa: E402
+from tests.fused_kernels import CUDA  # noqa: E402
 
-CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 BACKENDS = ("flash",) if CUDA else ("math",)
