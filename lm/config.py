@@ -174,8 +174,9 @@ class TransformerConfig:
 
     n_heads: int = 4
     rope_base: float = 10000.0
-    attn_backend: Literal["auto", "flash_attn", "cudnn", "flash", "efficient", "math"] = "auto"
-    """auto: flash-attn package if installed, else SDPA cuDNN, then flash (GPU) / flash, math (CPU)."""
+    attn_backend: Literal["auto", "flash_attn4", "flash_attn", "cudnn", "flash", "efficient", "math"] = "auto"
+    """auto: flash-attn 4 (flash_attn.cute, Hopper or newer) or flash-attn 2 when installed, else SDPA cuDNN, then
+    flash (GPU) / flash, math (CPU); a backend that raises is skipped for that module from then on."""
 
     ffn_kind: ClassVar[str] = "swiglu"
     """The FFN of a Transformer block: SwiGLU."""
@@ -340,6 +341,10 @@ class TrainConfig:
     loss_chunk_tokens: int = 0
     """LM head + cross-entropy this many tokens at a time, without the full logits (0 = full logits).
     Saves ~3 x tokens x vocab x 4 bytes per micro-batch (25 GiB at 131,072 tokens x 32K vocab)."""
+    loss_impl: Literal["auto", "triton", "torch"] = "auto"
+    """With loss_chunk_tokens > 0: what turns each chunk of logits into its losses and gradient (lm/ops/linear_ce.py).
+    triton = one kernel that writes the gradient over the logits in their dtype (no float32 copy); torch = the
+    PyTorch reference (a float32 copy of the chunk); auto = triton on CUDA when Triton imports, else torch."""
     on_nonfinite: Literal["halt", "skip", "rollback"] = "halt"
     """Loss NaN/inf: halt with a message; skip the step's update (the bad micro-batch gives no gradient);
     or rollback to the last checkpoint and continue past the bad data. Every event is logged and counted."""
@@ -392,6 +397,8 @@ class RunConfig:
         _check(t.eval_batches >= 1, f"train.eval_batches must be >= 1 (set train.eval_every=0 to skip evaluation), got {t.eval_batches}")
         _check(t.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0, got {t.max_skipped_steps}")
         _check(t.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens must be >= 0 (0 = full logits), got {t.loss_chunk_tokens}")
+        _check(t.loss_impl in ("auto", "triton", "torch"),
+               f"train.loss_impl must be auto, triton or torch, got {t.loss_impl!r}")
         _check(t.run_dir.strip() != "", "train.run_dir is empty: give the folder for checkpoints and logs")
         _check(not (self.parallel.pipeline_stages > 1 and t.loss_chunk_tokens > 0),
                "train.loss_chunk_tokens works without pipeline stages only (the pipeline's last stage computes the "

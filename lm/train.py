@@ -248,7 +248,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
     t = cfg.train
     loop = TrainLoop(engine, sampler, StepSchedule(cfg.optim, t.max_steps), micro_batch_size=t.micro_batch_size,
                      grad_accum_steps=t.grad_accum_steps, loss_chunk_tokens=t.loss_chunk_tokens,
-                     max_steps=t.max_steps, state=trainer.state)
+                     loss_impl=t.loss_impl, max_steps=t.max_steps, state=trainer.state)
     tokens_per_step = loop.tokens_per_step(cfg.data.seq_len)  # the whole mesh's, each token once
     fpt = flops_per_token(cfg.model, engine.n_params, cfg.data.seq_len)
     peak = peak_flops(torch.cuda.get_device_name()) if engine.device.type == "cuda" else None

@@ -41,6 +41,9 @@ def test_bad_values_fail_naming_the_key(tmp_path):
         load_config(empty, overrides=["model.arch=mamba"])
     with pytest.raises(ConfigError, match=r"train\.max_steps: expected an integer"):
         load_config(empty, overrides=["train.max_steps=ten"])
+    with pytest.raises(ConfigError, match=r"train\.loss_impl"):
+        load_config(empty, overrides=["train.loss_impl=fast"])
+    assert load_config(empty, overrides=["train.loss_impl=triton"]).train.loss_impl == "triton"
     with pytest.raises(ConfigError, match=r"parallel\.pipeline_stages.*zero_stage"):
         load_config(empty, overrides=["parallel.pipeline_stages=2", "parallel.zero_stage=3"])
     with pytest.raises(ConfigError, match="key.path=value"):

@@ -84,14 +84,14 @@ def train_arm(cfg: RunConfig, context: int, train_tokens, val_windows: torch.Ten
     budget = opts.budget_minutes * 60.0
     loop = TrainLoop(engine, sampler, TimeSchedule(c.optim, opts.warmup_frac), micro_batch_size=micro,
                      grad_accum_steps=accum, loss_chunk_tokens=c.train.loss_chunk_tokens, max_steps=opts.max_steps,
-                     time_budget_s=budget, sync_timing=True)
+                     loss_impl=c.train.loss_impl, time_budget_s=budget, sync_timing=True)
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
     engine.train()
     t0 = time.perf_counter()
     for _ in range(opts.warmup_steps):  # compile / autotune; nothing is updated
         warmup_step(engine, [sampler.micro_batch(0, m, 0, 1, micro) for m in range(accum)],
-                    loss_chunk_tokens=c.train.loss_chunk_tokens)
+                    loss_chunk_tokens=c.train.loss_chunk_tokens, loss_impl=c.train.loss_impl)
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
     warmup_s = time.perf_counter() - t0

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from lm.config import ConfigError, RunConfig
+from lm.bench.profile_breakdown import breakdown, breakdown_markdown, device_kernels
 from lm.engine import RandomTokens, TrainLoop, build_engine, prepare_model, resolve_precision
 from lm.metrics import FLOPS_FORMULA, PEAK_BF16_FLOPS, flops_per_token, head_dims
 from lm.ops import sdpa
@@ -113,7 +114,7 @@ def train_row(cfg: RunConfig, context: int, *, tokens_per_step: int, engine: str
     eng = build_engine(c, engine, device=device) if engine == "torch" else build_engine(c, engine)
     loop = TrainLoop(eng, RandomTokens(c.model.vocab_size, context, seed=0), StepSchedule(c.optim, c.train.max_steps),
                      micro_batch_size=c.train.micro_batch_size, loss_chunk_tokens=c.train.loss_chunk_tokens,
-                     max_steps=c.train.max_steps, sync_timing=True)
+                     loss_impl=c.train.loss_impl, max_steps=c.train.max_steps, sync_timing=True)
     eng.train()
     times = []
     while not loop.done():
@@ -127,7 +128,9 @@ def train_row(cfg: RunConfig, context: int, *, tokens_per_step: int, engine: str
            "zero_stage": c.parallel.zero_stage if engine == "deepspeed" else None, "compile": c.train.compile,
            "activation_checkpointing": c.parallel.activation_checkpointing,
            "checkpoint_blocks": c.parallel.activation_checkpointing_blocks if c.parallel.activation_checkpointing else None,
-           "loss_chunk_tokens": c.train.loss_chunk_tokens, "tf32": c.train.tf32, "final_loss": result.loss}
+           "loss_chunk_tokens": c.train.loss_chunk_tokens,
+           "loss_impl": c.train.loss_impl if c.train.loss_chunk_tokens else None, "tf32": c.train.tf32,
+           "final_loss": result.loss}
     del eng, loop
     return row
 
@@ -253,7 +256,8 @@ def transformer_backends(cfg: RunConfig, device: torch.device) -> list[str]:
     when the recipe says auto."""
     if cfg.model.transformer.attn_backend != "auto" or device.type != "cuda":
         return [cfg.model.transformer.attn_backend]
-    return (["flash_attn"] if sdpa.flash_attn_available() else []) + ["cudnn", "flash"]
+    return ([name for name, ok in (("flash_attn4", sdpa.flash_attn4_available()), ("flash_attn", sdpa.flash_attn_available()))
+             if ok] + ["cudnn", "flash"])
 
 
 def with_backend(cfg: RunConfig, backend: str) -> RunConfig:
@@ -282,7 +286,7 @@ def profile_step(cfg: RunConfig, context: int, *, tokens_per_step: int, engine: 
     eng = build_engine(c, engine, device=device) if engine == "torch" else build_engine(c, engine)
     loop = TrainLoop(eng, RandomTokens(c.model.vocab_size, context), StepSchedule(c.optim, 3),
                      micro_batch_size=c.train.micro_batch_size, loss_chunk_tokens=c.train.loss_chunk_tokens,
-                     max_steps=3, sync_timing=True)
+                     loss_impl=c.train.loss_impl, max_steps=3, sync_timing=True)
     eng.train()
     loop.step()
     loop.step()
@@ -296,4 +300,8 @@ def profile_step(cfg: RunConfig, context: int, *, tokens_per_step: int, engine: 
         sort_by=key, row_limit=rows // 2, max_name_column_width=40, max_shapes_column_width=90)
     by_stack = prof.key_averages(group_by_stack_n=4).table(
         sort_by=key, row_limit=rows // 2, max_name_column_width=40, max_src_column_width=110)
-    return f"{by_op}\n\nBy input shape:\n{by_shape}\n\nBy Python stack (4 frames):\n{by_stack}"
+    parts = [by_op, f"By input shape:\n{by_shape}", f"By Python stack (4 frames):\n{by_stack}"]
+    if cuda:
+        parts.insert(0, "Device time by kind of kernel (lm.bench.profile_breakdown):\n"
+                        + breakdown_markdown(breakdown(device_kernels(prof))))
+    return "\n\n".join(parts)

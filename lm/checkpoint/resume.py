@@ -155,7 +155,8 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "train.eval_every": (APPLY, "cadence"), "train.eval_batches": (APPLY, "cadence"),
     "train.progress_bar": (APPLY, "display"), "train.compile": (APPLY, "implementation"),
     "train.compile_backend": (APPLY, "implementation"), "train.tf32": (APPLY, "implementation"),
-    "train.loss_chunk_tokens": (APPLY, "implementation"), "train.on_nonfinite": (APPLY, "policy"),
+    "train.loss_chunk_tokens": (APPLY, "implementation"), "train.loss_impl": (APPLY, "implementation"),
+    "train.on_nonfinite": (APPLY, "policy"),
     "train.max_skipped_steps": (APPLY, "policy"),
     # parallel: the topology is judged by the resume planner (universal conversion, or a refusal with the fix)
     "parallel.zero_stage": (APPLY, "topology (checked when the checkpoint is planned for loading)"),

@@ -146,8 +146,9 @@ class Engine:
         [sp_rank T / sp_size, (sp_rank + 1) T / sp_size) under sequence parallelism, else the batch itself."""
         return batch if self.sp is None else segment(batch, self.sp_rank, self.sp_size)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_chunk_tokens: int = 0):
-        """The model on this rank's tokens (x, targets y: its segment under SP), under the precision mode."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_chunk_tokens: int = 0, loss_impl: str = "auto"):
+        """The model on this rank's tokens (x, targets y: its segment under SP), under the precision mode;
+        loss_chunk_tokens and loss_impl as in LanguageModel.forward."""
         raise NotImplementedError
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -196,9 +197,9 @@ class TorchEngine(Engine):
         self.module = model
         self.quantizers = model.named_quantizers()
 
-    def forward(self, x, y, loss_chunk_tokens: int = 0):
+    def forward(self, x, y, loss_chunk_tokens: int = 0, loss_impl: str = "auto"):
         with self.autocast():
-            return self.module(x, targets=y, loss_chunk_tokens=loss_chunk_tokens, sp=self.sp)
+            return self.module(x, targets=y, loss_chunk_tokens=loss_chunk_tokens, loss_impl=loss_impl, sp=self.sp)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -293,9 +294,9 @@ class DeepSpeedEngine(Engine):
                     f"{bad[0]}); compiled kernels would fault on them. Use sizes whose parameters hold a multiple of "
                     f"8 elements, or parallel.zero_stage=1|2 (aligned per parameter), or train.compile=false")
 
-    def forward(self, x, y, loss_chunk_tokens: int = 0):
+    def forward(self, x, y, loss_chunk_tokens: int = 0, loss_impl: str = "auto"):
         # bf16-mixed: DeepSpeed's own torch_autocast section (its engine switches an outer autocast off)
-        return self.ds(x, targets=y, loss_chunk_tokens=loss_chunk_tokens, sp=self.sp)
+        return self.ds(x, targets=y, loss_chunk_tokens=loss_chunk_tokens, loss_impl=loss_impl, sp=self.sp)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)

@@ -38,12 +38,13 @@ class LoopState:
 
 class TrainLoop:
     def __init__(self, engine, sampler, schedule, *, micro_batch_size: int, grad_accum_steps: int = 1,
-                 loss_chunk_tokens: int = 0, max_steps: Optional[int] = None, time_budget_s: Optional[float] = None,
-                 sync_timing: bool = False, state: Optional[LoopState] = None):
+                 loss_chunk_tokens: int = 0, loss_impl: str = "auto", max_steps: Optional[int] = None,
+                 time_budget_s: Optional[float] = None, sync_timing: bool = False, state: Optional[LoopState] = None):
         """sampler: anything with micro_batch(consumed, micro_index, dp_rank, dp_size, batch) -> (x, y).
         sync_timing: synchronise the device around every step, so step times are exact (benchmarks, budgets)."""
         self.engine, self.sampler, self.schedule = engine, sampler, schedule
         self.micro, self.accum, self.loss_chunk_tokens = micro_batch_size, grad_accum_steps, loss_chunk_tokens
+        self.loss_impl = loss_impl
         self.max_steps, self.time_budget_s, self.sync_timing = max_steps, time_budget_s, sync_timing
         self.state = state or LoopState()
 
@@ -85,8 +86,8 @@ class TrainLoop:
         self._sync()
         t0 = time.perf_counter()
         batches = self.batches()
-        result = train_step(e, batches, lr=lr, loss_chunk_tokens=self.loss_chunk_tokens, stop=stop,
-                            codebook_stats=codebook_stats)
+        result = train_step(e, batches, lr=lr, loss_chunk_tokens=self.loss_chunk_tokens, loss_impl=self.loss_impl,
+                            stop=stop, codebook_stats=codebook_stats)
         self._sync()
         dt = time.perf_counter() - t0
         s.step += 1

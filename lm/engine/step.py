@@ -1,6 +1,6 @@
 """One optimizer step, written once against the engine interface (lm.engine.engines).
 
-    result = train_step(engine, batches, lr=..., loss_chunk_tokens=0, stop=False)
+    result = train_step(engine, batches, lr=..., loss_chunk_tokens=0, loss_impl="auto", stop=False)
 
 For each micro-batch (x, y): forward (LM head + cross-entropy, chunked when asked), loss = CE + commitment
 loss, backward (gradients accumulate). Then one collective sums, over every process, the CE and
@@ -62,8 +62,8 @@ def codebook_metrics(quantizers, gather: bool) -> dict:
     return local
 
 
-def train_step(engine, batches: list, *, lr: float, loss_chunk_tokens: int = 0, stop: bool = False,
-               codebook_stats: bool = False) -> StepResult:
+def train_step(engine, batches: list, *, lr: float, loss_chunk_tokens: int = 0, loss_impl: str = "auto",
+               stop: bool = False, codebook_stats: bool = False) -> StepResult:
     """One optimizer step over `batches` [(x, y), ...] (this process's micro-batches, on any device).
     codebook_stats: also return the per-layer codebook statistics of the step (costs a synchronisation)."""
     device = engine.device
@@ -78,7 +78,8 @@ def train_step(engine, batches: list, *, lr: float, loss_chunk_tokens: int = 0, 
                                dtype=torch.float64, device=device)
     else:
         for x, y in batches:
-            out = engine.forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True), loss_chunk_tokens)
+            out = engine.forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True), loss_chunk_tokens,
+                                 loss_impl)
             loss = out.loss + out.aux_loss
             engine.backward(loss)  # a non-finite loss poisons only gradients that the skip below discards
             detached = torch.stack([out.loss.detach().double(), out.aux_loss.detach().double()])
@@ -105,11 +106,11 @@ def train_step(engine, batches: list, *, lr: float, loss_chunk_tokens: int = 0, 
                       skipped=skipped, nonfinite=int(bad), stop=stops > 0, grad_norm=grad_norm, codebook=stats)
 
 
-def warmup_step(engine, batches: list, *, loss_chunk_tokens: int = 0) -> None:
+def warmup_step(engine, batches: list, *, loss_chunk_tokens: int = 0, loss_impl: str = "auto") -> None:
     """Forward and backward over `batches` (give as many as the engine accumulates) with no update: kernels
     compile and autotune, then the gradients and the codebook statistics are dropped. Not collective."""
     for x, y in batches:
-        out = engine.forward(x.to(engine.device), y.to(engine.device), loss_chunk_tokens)
+        out = engine.forward(x.to(engine.device), y.to(engine.device), loss_chunk_tokens, loss_impl)
         engine.backward(out.loss + out.aux_loss)
     engine.step(0.0, skip=True)
     for _, vq in engine.quantizers:

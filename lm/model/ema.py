@@ -111,7 +111,13 @@ class MultiDimEMA(nn.Module):
         """One segment of a sequence split over ranks: the scan from a zero state, then the contribution of
         the true initial state, which the earlier ranks' final states give in closed form."""
         T = x.shape[1]
-        y, local_final = self._forward(x, None, True)  # local_final carries autograd to x and the parameters
+        impl = resolve_ema_impl(self.impl, x, self.ndim)
+        if impl == "fft":
+            y, local_final = self._forward(x, None, True)  # local_final carries autograd to x and the parameters
+        else:
+            pb, q = self.coefficients()
+            y, local_final = ema_scan(x, pb, q, self.gamma.to(q.dtype), self.omega.to(q.dtype), scale=self.scale,
+                                      state=None, return_state=True, silu=False, impl=impl)
         _, q = self.coefficients()
         decay = q.pow(T)
         h0 = sp.ema_initial_state(local_final, decay)

@@ -32,12 +32,13 @@ class LMHead(nn.Linear):
     materialising the logits (lm/ops/linear_ce.py). Computing the loss inside the head's own forward keeps
     its (possibly ZeRO-3-partitioned, possibly tied) weight gathered while it is used."""
 
-    def forward(self, h: Tensor, targets: Optional[Tensor] = None, chunk_tokens: int = 0) -> Tensor:
+    def forward(self, h: Tensor, targets: Optional[Tensor] = None, chunk_tokens: int = 0, impl: str = "auto") -> Tensor:
         if targets is None:
             return super().forward(h)
         dev = h.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1), chunk_tokens, dtype)
+        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1), chunk_tokens, dtype,
+                                    impl)
 
 
 class Block(nn.Module):
@@ -72,9 +73,11 @@ class LanguageModel(nn.Module):
             nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
 
     def forward(self, tokens: Tensor, state: Optional[list] = None, return_state: bool = False,
-                targets: Optional[Tensor] = None, loss_chunk_tokens: int = 0, sp=None) -> ModelOutput:
+                targets: Optional[Tensor] = None, loss_chunk_tokens: int = 0, loss_impl: str = "auto",
+                sp=None) -> ModelOutput:
         """targets (B, T): also return the mean cross-entropy in `loss`. loss_chunk_tokens > 0 computes it
-        that many tokens at a time and returns no logits (memory of long contexts).
+        that many tokens at a time and returns no logits (memory of long contexts); loss_impl picks what
+        computes each chunk's losses and gradient ("auto", "triton", "torch": lm/ops/linear_ce.py).
 
         sp: a sequence-parallel context (lm.parallel.sequence.SequenceContext; None on one process): tokens
         are then this rank's segment of longer sequences, every layer takes the state of the earlier
@@ -94,7 +97,8 @@ class LanguageModel(nn.Module):
         if targets is None or loss_chunk_tokens == 0:
             logits = self.head(h)
         if targets is not None:
-            loss = self.head(h, targets, loss_chunk_tokens) if loss_chunk_tokens else logits_cross_entropy(logits, targets)
+            loss = (self.head(h, targets, loss_chunk_tokens, loss_impl) if loss_chunk_tokens
+                    else logits_cross_entropy(logits, targets))
         return ModelOutput(logits, aux, new_states if return_state else None, metrics, loss)
 
     def quantizers(self) -> list[VectorQuantizer]:

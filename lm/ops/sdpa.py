@@ -1,5 +1,5 @@
-"""Causal softmax attention for the Transformer baseline: flash-attn when installed, else PyTorch SDPA
-with an explicitly chosen backend.
+"""Causal softmax attention for the Transformer baseline: FlashAttention when installed (flash-attn 4, the CuTe
+DSL kernels, or flash-attn 2), else PyTorch SDPA with an explicitly chosen backend.
 
     attend = CausalAttention("auto")         # one per attention module; holds its own fallback record
     out = attend(q, k, v)                     # attend.last_backend: the backend that ran
@@ -20,7 +20,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "flash_attn", "cudnn", "flash", "efficient", "math")
+BACKENDS = ("auto", "flash_attn4", "flash_attn", "cudnn", "flash", "efficient", "math")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -34,12 +34,23 @@ def flash_attn_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def flash_attn4_available() -> bool:
+    """flash-attn 4 (package flash-attn-4, module flash_attn.cute) imports, and a Hopper-or-newer GPU is visible."""
+    try:
+        from flash_attn.cute import flash_attn_func  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken CuTe DSL install raises more than ImportError
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
 def candidates(requested: str, q: Tensor) -> list[str]:
     """The backends tried, in order: the requested one, or auto's preference list for q's device and dtype."""
     if requested != "auto":
         return [requested]
     if q.is_cuda:
-        order = (["flash_attn"] if flash_attn_available() and q.dtype in _HALF else [])
+        order = ([name for name, ok in (("flash_attn4", flash_attn4_available()), ("flash_attn", flash_attn_available()))
+                  if ok] if q.dtype in _HALF else [])
         return order + ["cudnn", "flash", "efficient", "math"]
     return ["flash", "math"]
 
@@ -63,6 +74,8 @@ def supports(name: str, q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether backend `name` can run these inputs, by the same checks SDPA's dispatcher makes (no kernel runs)."""
     if name == "math":
         return True
+    if name == "flash_attn4":
+        return flash_attn4_available() and q.is_cuda and q.dtype in _HALF and q.shape[-1] in (64, 96, 128)
     if name == "flash_attn":
         return flash_attn_available() and q.is_cuda and q.dtype in _HALF and q.shape[-1] <= 256
     if not q.is_cuda:
@@ -93,7 +106,19 @@ def resolve_backend(requested: str, q: Tensor, k: Optional[Tensor] = None, v: Op
     return "math"
 
 
+@torch.compiler.disable  # a JIT-compiled CuTe kernel: compiled graphs call it as an opaque function
+def _run_flash_attn4(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """flash-attn 4 in (B, T, H, D) layout; causal masks align to the last query (the KV-cache rule used here)."""
+    from flash_attn.cute import flash_attn_func
+
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.transpose(1, 2)
+
+
 def _run(name: str, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    if name == "flash_attn4":
+        return _run_flash_attn4(q, k, v)
     if name == "flash_attn":
         from flash_attn import flash_attn_func
 

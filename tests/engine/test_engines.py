@@ -99,8 +99,8 @@ def _skip_check(kind="deepspeed", stage=0, nan_rank=0):
     forward = engine.forward
     rank = int(os.environ.get("RANK", "0"))
 
-    def poisoned(x, y, c=0):
-        out = forward(x, y, c)
+    def poisoned(x, y, *loss_options):
+        out = forward(x, y, *loss_options)
         if rank == nan_rank:
             out.loss = out.loss * float("nan")
         return out

@@ -1,12 +1,15 @@
 """Chunked LM-head cross-entropy (lm/ops/linear_ce.py) against its reference twin (full logits), values and
-gradients, with ignored targets, uneven chunks and under bf16 autocast; and the model's `targets` path."""
+gradients, with ignored targets, uneven chunks and under bf16 autocast; the per-chunk PyTorch twin
+`ce_grad_inplace_reference` against autograd; the impl choice; and the model's `targets` path. The Triton
+kernel is compared in tests/ops/test_linear_ce_fused.py."""
 
 import pytest
 import torch
 
 from lm.config import ModelConfig
 from lm.model import build_model
-from lm.ops.linear_ce import IGNORE_INDEX, linear_cross_entropy
+from lm.ops.linear_ce import (IGNORE_INDEX, ce_grad_inplace, ce_grad_inplace_reference, linear_cross_entropy,
+                              resolve_impl)
 from tests.tolerances import assert_close
 
 
@@ -26,10 +29,11 @@ def _value_and_grads(fn):
     return loss.detach(), h.grad, w.grad
 
 
+@pytest.mark.parametrize("impl", ["torch", "auto"])
 @pytest.mark.parametrize("chunk", [1, 8, 36, 37, 100])
-def test_chunked_equals_reference_float64(chunk):
+def test_chunked_equals_reference_float64(chunk, impl):
     ref = _value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, 0))
-    out = _value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk))
+    out = _value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk, impl=impl))
     for a, b, name in zip(out, ref, ("loss", "dh", "dw")):
         assert_close(a.to(b.dtype), b, msg=f"{name}, chunk {chunk}")
 
@@ -48,6 +52,51 @@ def test_bf16_autocast_rounds_like_the_reference():
         ref = linear_cross_entropy(h, w, t, 0, torch.bfloat16)
         out = linear_cross_entropy(h, w, t, 16, torch.bfloat16)
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)  # same bf16 logits; fp32 softmax
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ce_grad_inplace_reference_is_the_gradient_of_the_summed_loss(dtype):
+    """Per-row losses as F.cross_entropy's, and the in-place gradient scale * d(sum of losses)/d logits."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 23, generator=g, dtype=dtype) * 3
+    t = torch.randint(0, 23, (9,), generator=g)
+    t[[2, 7]] = IGNORE_INDEX
+    leaf = x.clone().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(leaf, t, ignore_index=IGNORE_INDEX, reduction="none")
+    (0.3 * expected.sum()).backward()
+    logits = x.clone()
+    out = torch.empty(9, dtype=dtype)
+    loss = ce_grad_inplace_reference(logits, t, 0.3, out=out)
+    assert loss.data_ptr() == out.data_ptr()
+    assert_close(loss, expected.detach())
+    assert_close(logits, leaf.grad)
+    assert (logits[[2, 7]] == 0).all()
+
+
+def test_ce_grad_inplace_reference_keeps_low_precision_logits_and_returns_float32():
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(6, 40, generator=g) * 3).to(torch.bfloat16)
+    t = torch.randint(0, 40, (6,), generator=g)
+    logits = x.clone()
+    loss = ce_grad_inplace_reference(logits, t, 1.0)
+    assert loss.dtype == torch.float32 and logits.dtype == torch.bfloat16
+    xf = x.float()
+    expected = torch.softmax(xf, -1) - torch.nn.functional.one_hot(t, 40).float()
+    torch.testing.assert_close(logits.float(), expected, atol=1e-6, rtol=2.0 ** -8)  # one bf16 rounding
+    assert_close(loss, torch.nn.functional.cross_entropy(xf, t, reduction="none"))
+
+
+def test_impl_choice_on_the_cpu():
+    x = torch.randn(3, 5)
+    assert resolve_impl("auto", x) == "torch" and resolve_impl("torch", x) == "torch"
+    assert resolve_impl("triton", x) == "triton"
+    with pytest.raises(ValueError, match="loss_impl"):
+        resolve_impl("cuda", x)
+    _, used = ce_grad_inplace(x, torch.tensor([0, 1, IGNORE_INDEX]), 1.0, "auto")
+    assert used == "torch"
+    h, w, t = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="loss_impl"):
+        linear_cross_entropy(h, w, t, 8, impl="fast")
 
 
 def test_bad_arguments_are_named():
@@ -71,10 +120,12 @@ def test_model_targets_path_equals_logits_path(arch):
     grads = []
     for chunk in (0, 7):
         model.zero_grad()
-        out = model(x, targets=y, loss_chunk_tokens=chunk)
+        out = model(x, targets=y, loss_chunk_tokens=chunk, loss_impl="torch")
         assert (out.logits is None) == (chunk > 0)
         out.loss.backward()
         grads.append((out.loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    with pytest.raises(ValueError, match="loss_impl"):  # the choice reaches the head
+        model(x, targets=y, loss_chunk_tokens=7, loss_impl="fast")
     ref_loss = torch.nn.functional.cross_entropy(model(x).logits.reshape(-1, 61), y.reshape(-1))
     assert_close(grads[0][0], ref_loss.detach())
     assert_close(grads[1][0], grads[0][0])

@@ -35,12 +35,20 @@ def three_layer_model() -> tuple[ModelConfig, int]:
     return ModelConfig(arch="longvq", vocab_size=32, d_model=32, n_layers=3, longvq=lv), 48
 
 
+def three_layer_scan_model() -> tuple[ModelConfig, int]:
+    """The 3-layer model with the EMA as the chunked scan (the GPU path; its PyTorch twin on CPU)."""
+    model_cfg, seq_len = three_layer_model()
+    model_cfg.longvq.ema_impl = "scan"
+    return model_cfg, seq_len
+
+
 def transformer_model() -> tuple[ModelConfig, int]:
     tc = TransformerConfig(n_heads=4, attn_backend="math")
     return ModelConfig(arch="transformer", vocab_size=32, d_model=32, n_layers=2, transformer=tc), 16
 
 
-MODELS = {"quickstart": quickstart_model, "three_layer": three_layer_model, "transformer": transformer_model}
+MODELS = {"quickstart": quickstart_model, "three_layer": three_layer_model, "three_layer_scan": three_layer_scan_model,
+          "transformer": transformer_model}
 
 
 def batches(model_cfg: ModelConfig, seq_len: int, steps: int) -> list[torch.Tensor]:
@@ -153,8 +161,8 @@ def assert_matches(result: dict, ref: dict, steps: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("model", ["quickstart", "three_layer"])
+@pytest.mark.parametrize("model, world", [("quickstart", 2), ("quickstart", 4), ("three_layer", 2), ("three_layer", 4),
+                                          ("three_layer_scan", 2)])
 def test_longvq_sequence_parallel_equals_one_process(model, world):
     """Same loss and gradient of every parameter at step 1, same losses, parameters and codebooks after
     5 AdamW steps (within 1e-10); codebooks bit-identical on every rank."""
