@@ -40,9 +40,10 @@ def test_unknown_names_and_choices_are_refused():
     check_impl("quantizer impl", "auto", ("reference", "auto"))
 
 
-def test_require_fused_returns_the_module():
+@pytest.mark.parametrize("name", ["ema_scan_fused", "vq_quantize_fused", "vq_attention_fused", "linear_ce_fused"])
+def test_require_fused_returns_the_module(name):
     pytest.importorskip("triton")
-    assert require_fused("vq_attention_fused", "unused").__name__ == "lm.ops.vq_attention_fused"
+    assert require_fused(name, "unused").__name__ == f"lm.ops.{name}"
 
 
 def test_choose_auto_traces_under_compile_without_a_graph_break():
