@@ -5,8 +5,11 @@ export dir written by `python -m lm.checkpoint export` (model.safetensors + conf
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -35,6 +38,47 @@ def pick_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"--device {name!r}: only cpu and cuda devices are supported; use auto, cpu, cuda or cuda:N")
     return device
+
+
+def recipe_parser(prog: str, doc: str, *, overrides_help: str, recipe_help: str) -> argparse.ArgumentParser:
+    """The parser of a benchmark over training recipes: positional KEY=VALUE config overrides and a repeatable
+    --recipe (args.recipes); finish with `parse_recipe_args`."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+    p.add_argument("--recipe", dest="recipes", action="append", default=None, help=recipe_help)
+    return p
+
+
+def parse_recipe_args(p: argparse.ArgumentParser, argv, default_recipes: list[str]) -> argparse.Namespace:
+    """Parse argv with a `recipe_parser`: an override without '=' (a recipe given without --recipe) is a usage
+    error; no --recipe means default_recipes."""
+    args = p.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        p.error(f"{bad[0]!r} is not a key=value override (recipes go after --recipe)")
+    args.recipes = args.recipes or list(default_recipes)
+    return args
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated integers >= 1 ('8192,131072')."""
+    try:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 8192,131072)") \
+            from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= 1")
+    return values
+
+
+def kernel_bench_unavailable(prog: str) -> Optional[str]:
+    """Why a Triton kernel benchmark cannot run on this machine (no CUDA GPU, no Triton), or None when it can."""
+    if not torch.cuda.is_available():
+        return f"{prog} needs a CUDA GPU (none found); run it on the GPU machine"
+    if importlib.util.find_spec("triton") is None:
+        return f"{prog} needs Triton (pip install triton)"
+    return None
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

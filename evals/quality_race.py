@@ -22,12 +22,8 @@ each trained model (fp32 safetensors + config.yaml) for `python -m evals.perplex
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
-import importlib.util
-import json
-import os
 import platform
 import shlex
 import subprocess
@@ -39,7 +35,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from evals.common import pick_device
+from evals.common import parse_recipe_args, pick_device, recipe_parser
 from lm.bench import race
 from lm.bench.race_report import merge, write_outputs
 from lm.bench.throughput import ParamMismatchError, arms_by_arch, check_param_match, count_params, device_name, free_memory
@@ -52,10 +48,8 @@ DEFAULT_RECIPES = ["launch/configs/longvq_40m.yaml", "launch/configs/transformer
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m evals.quality_race", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for both recipes")
-    p.add_argument("--recipe", dest="recipes", action="append", default=None, help="a training recipe (one per arch)")
+    p = recipe_parser("python -m evals.quality_race", __doc__, overrides_help="config overrides for both recipes",
+                      recipe_help="a training recipe (one per arch)")
     p.add_argument("--contexts", nargs="+", type=int, default=[4096, 16384])
     p.add_argument("--budget-minutes", type=float, default=3.0, help="training time per arm and context")
     p.add_argument("--param-tolerance", type=float, default=0.10)
@@ -79,16 +73,13 @@ def parse_args(argv):
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
     p.add_argument("--save-dir", default=None, help="also export each trained model to SAVE_DIR/TAG_CONTEXT_ARCH")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge finished results into one report")
-    args = p.parse_args(argv)
-    if [o for o in args.overrides if "=" not in o]:
-        p.error(f"{[o for o in args.overrides if '=' not in o][0]!r} is not a key=value override (recipes go after --recipe)")
+    args = parse_recipe_args(p, argv, DEFAULT_RECIPES)
     if args.budget_minutes <= 0 or args.grad_accum < 1 or args.log_every < 1 or min(args.contexts) < 1:
         p.error("--budget-minutes, --grad-accum, --log-every and --contexts must be positive")
     if args.tokens_per_step is not None and args.tokens_per_step < 1:
         p.error("--tokens-per-step must be positive")
     if args.merge and not args.tag:
         p.error("--merge needs --tag")
-    args.recipes = args.recipes or DEFAULT_RECIPES
     return args
 
 

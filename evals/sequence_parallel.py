@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from evals.common import parse_recipe_args, recipe_parser
 from lm.bench import sequence_parallel as spb
 from lm.bench.report import sequence_parallel_markdown, sequence_parallel_plot
 from lm.bench.throughput import DEFAULT_PEAK
@@ -38,10 +39,8 @@ DEFAULT_RECIPES = ["launch/configs/longvq_125m_sp.yaml", "launch/configs/transfo
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m evals.sequence_parallel", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every recipe")
-    p.add_argument("--recipe", dest="recipes", action="append", default=None, help="a training recipe (repeat: one per arm)")
+    p = recipe_parser("python -m evals.sequence_parallel", __doc__, overrides_help="config overrides for every recipe",
+                      recipe_help="a training recipe (repeat: one per arm)")
     p.add_argument("--nproc", type=int, default=2, help="GPUs (processes) of the SP rows: SP = N")
     p.add_argument("--contexts", nargs="+", type=int, default=[262144, 524288], help="SP rows' contexts (tokens)")
     p.add_argument("--batch", type=int, default=1, help="sequences per step")
@@ -53,13 +52,9 @@ def parse_args(argv):
     p.add_argument("--out-dir", default="runs/bench")
     p.add_argument("--tag", default=None, help="name of the output files (default: DEVICE_spN)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one row, inside torchrun
-    args = p.parse_args(argv)
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        p.error(f"{bad[0]!r} is not a key=value override (recipes go after --recipe)")
+    args = parse_recipe_args(p, argv, DEFAULT_RECIPES)
     if min(args.steps, args.warmup, args.batch) < 1 or args.nproc < 2 or min(args.contexts) < 1:
         p.error("--steps, --warmup, --batch and --contexts must be >= 1, and --nproc >= 2")
-    args.recipes = args.recipes or DEFAULT_RECIPES
     return args
 
 

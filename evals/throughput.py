@@ -24,7 +24,6 @@ Outputs, rewritten after every row: OUT_DIR/throughput_TAG.json (the rows), .md 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import importlib.util
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from evals.common import pick_device
+from evals.common import parse_recipe_args, pick_device, recipe_parser
 from lm.bench import throughput as tp
 from lm.bench.report import throughput_markdown, throughput_plot
 from lm.config import ConfigError, load_config
@@ -46,10 +45,8 @@ DEFAULT_RECIPES = ["launch/configs/longvq_125m.yaml", "launch/configs/transforme
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m evals.throughput", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every recipe")
-    p.add_argument("--recipe", dest="recipes", action="append", default=None, help="a training recipe (repeat: one per arch)")
+    p = recipe_parser("python -m evals.throughput", __doc__, overrides_help="config overrides for every recipe",
+                      recipe_help="a training recipe (repeat: one per arch)")
     p.add_argument("--engine", choices=["deepspeed", "torch"], default=None,
                    help="default: deepspeed where it is installed, else torch")
     p.add_argument("--contexts", nargs="*", type=int, default=[2048, 4096, 8192, 16384, 32768, 65536, 131072])
@@ -69,15 +66,11 @@ def parse_args(argv):
     p.add_argument("--out-dir", default="runs/bench")
     p.add_argument("--tag", default=None, help="name of the output files (default ENGINE_DEVICE)")
     p.add_argument("--raise-errors", action="store_true", help="re-raise non-OOM failures (debugging)")
-    args = p.parse_args(argv)
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        p.error(f"{bad[0]!r} is not a key=value override (recipes go after --recipe)")
+    args = parse_recipe_args(p, argv, DEFAULT_RECIPES)
     if min(args.steps, args.warmup, args.tokens_per_step, args.prefill_chunk, args.decode_tokens, args.decode_batch) < 1:
         p.error("--steps, --warmup, --tokens-per-step, --prefill-chunk, --decode-tokens and --decode-batch must be >= 1")
     if any(c < 1 for c in args.contexts + args.decode_prompts):
         p.error("--contexts and --decode-prompts must be >= 1")
-    args.recipes = args.recipes or DEFAULT_RECIPES
     if args.engine is None:
         args.engine = "deepspeed" if importlib.util.find_spec("deepspeed") else "torch"
     return args

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lm.bench.report import pyplot, recipes_line, save_figure
 from lm.config import ConfigError
 
 ARCHS = ("longvq", "transformer")
@@ -71,8 +72,7 @@ def race_markdown(result: dict, path: Path) -> None:
          f"precision {meta['precision']}, budget {meta['budget_minutes']:g} min of training time per arm and context, "
          f"{meta['tokens_per_step']} tokens per optimizer step, seed {meta['seed']}.", "",
          "Command(s):", "", "```", *cmds, "```", "",
-         "Recipes: " + ", ".join(f"{a}: `{r}`" for a, r in meta["recipes"].items())
-         + (f"; overrides `{' '.join(meta['overrides'])}`" if meta.get("overrides") else "") + ".", "",
+         recipes_line(meta["recipes"], meta.get("overrides")), "",
          "Parameters: " + ", ".join(f"{a} {n:,}" for a, n in meta["params"].items())
          + f" (ratio longvq/transformer {meta['param_ratio']:.3f}).", "",
          f"Data: {meta['corpus'].get('dataset')} corpus of Python {meta['corpus'].get('python')} (bytes per split: "
@@ -161,14 +161,9 @@ def _smooth(y: list, frac: float = 0.02) -> np.ndarray:
 
 
 def race_plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = result["runs"]
     contexts = sorted({r["context"] for r in runs})
-    fig, axes = plt.subplots(len(contexts), 4, figsize=(20, 4.2 * len(contexts)), squeeze=False)
+    fig, axes = pyplot().subplots(len(contexts), 4, figsize=(20, 4.2 * len(contexts)), squeeze=False)
     colors = {"longvq": "tab:blue", "transformer": "tab:orange"}
     for row, ctx in zip(axes, contexts):
         rs = sorted((r for r in runs if r["context"] == ctx), key=lambda r: r["arch"])
@@ -206,11 +201,8 @@ def race_plot(result: dict, path: Path) -> None:
                 row[2].axvline(x, color="gray", ls=":", lw=1)
                 row[2].text(x, 1.0, name, transform=row[2].get_xaxis_transform(), va="top", fontsize=8)
         row[3].set_ylim(0, 1.05)
-    fig.suptitle(f"Quality race {result['meta']['tag']} ({result['meta']['device']}, "
-                 f"{result['meta']['budget_minutes']:g} min per arm)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, f"Quality race {result['meta']['tag']} ({result['meta']['device']}, "
+                f"{result['meta']['budget_minutes']:g} min per arm)", dpi=100)
 
 
 def merge(paths: list[str], tag: str) -> dict:

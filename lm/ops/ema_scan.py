@@ -18,53 +18,27 @@ these plus the FFT convolution that lm/model/ema.py keeps as a reference.
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-log = logging.getLogger(__name__)
+from lm.ops.dispatch import check_impl, choose_auto, require_fused
+
 IMPLS = ("reference", "triton", "auto")
 MODULE_IMPLS = ("fft", "scan", "auto")
-_logged: set = set()
 
 
-def _fused_module():
-    try:
-        from lm.ops import ema_scan_fused
-    except ImportError:  # Triton missing (CPU-only installs)
-        return None
-    return ema_scan_fused
-
-
-def _log_once(what: str, choice: str, why: str) -> None:
-    key = (what, choice, why)
-    if key not in _logged:
-        _logged.add(key)
-        log.info("%s -> %s (%s)", what, choice, why)
-
-
-def triton_supported(x: Tensor, ndim: int) -> bool:
-    """True when the Triton scan handles x (B, T, D) with N = ndim EMA dimensions (CUDA, see `supports`)."""
-    fused = _fused_module() if x.is_cuda else None
-    return fused is not None and fused.supports(x, ndim)
+def _auto(setting: str, x: Tensor, ndim: int, fallback: str) -> str:
+    return choose_auto(setting, x.is_cuda, "ema_scan_fused", lambda m: m.supports(x, ndim), fast="triton",
+                       fallback=fallback)
 
 
 def resolve_impl(impl: str, x: Tensor, ndim: int) -> str:
     """'reference' or 'triton' for these inputs (logs the choice for 'auto' once)."""
-    if impl not in IMPLS:
-        raise ValueError(f"ema_scan impl {impl!r} is not one of {IMPLS}")
-    if impl != "auto":
-        return impl
-    if triton_supported(x, ndim):
-        choice, why = "triton", "CUDA kernel supports these inputs"
-    else:
-        choice = "reference"
-        why = "inputs are not on CUDA" if not x.is_cuda else "the Triton kernel does not support these inputs"
-    _log_once("ema_scan impl=auto", choice, why)
-    return choice
+    check_impl("ema_scan impl", impl, IMPLS)
+    return impl if impl != "auto" else _auto("ema_scan impl=auto", x, ndim, "reference")
 
 
 def resolve_ema_impl(impl: str, x: Tensor, ndim: int) -> str:
@@ -72,17 +46,10 @@ def resolve_ema_impl(impl: str, x: Tensor, ndim: int) -> str:
 
     fft: the FFT convolution (lm/model/ema.py). scan: the chunked scan (Triton where supported, else its
     PyTorch twin). auto: the Triton scan where supported, else fft."""
-    if impl not in MODULE_IMPLS:
-        raise ValueError(f"ema_impl {impl!r} is not one of {MODULE_IMPLS}")
+    check_impl("ema_impl", impl, MODULE_IMPLS)
     if impl == "fft":
         return "fft"
-    if triton_supported(x, ndim):
-        choice, why = "triton", "CUDA kernel supports these inputs"
-    else:
-        choice = "reference" if impl == "scan" else "fft"
-        why = "inputs are not on CUDA" if not x.is_cuda else "the Triton kernel does not support these inputs"
-    _log_once(f"ema_impl={impl}", choice, why)
-    return choice
+    return _auto(f"ema_impl={impl}", x, ndim, "reference" if impl == "scan" else "fft")
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,11 +117,8 @@ def ema_scan(x: Tensor, pb: Tensor, q: Tensor, gamma: Tensor, omega: Tensor, *, 
     kwargs = dict(scale=scale, state=state, return_state=return_state, silu=silu, chunk_size=chunk_size)
     if impl == "reference":
         return ema_scan_reference(x, pb, q, gamma, omega, **kwargs)
-    fused = _fused_module()
-    if fused is None:
-        raise RuntimeError("ema_scan impl=triton needs Triton; use impl=reference or auto")
+    fused = require_fused("ema_scan_fused", "ema_scan impl=triton needs Triton; use impl=reference or auto")
     return fused.ema_scan_triton(x, pb, q, gamma, omega, **kwargs)
 
 
-__all__ = ["ema_scan", "ema_scan_reference", "resolve_impl", "resolve_ema_impl", "triton_supported", "IMPLS",
-           "MODULE_IMPLS"]
+__all__ = ["ema_scan", "ema_scan_reference", "resolve_impl", "resolve_ema_impl", "IMPLS", "MODULE_IMPLS"]

@@ -43,10 +43,10 @@ import triton.language as tl
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch settings (evals/bench_kernels.py --sweep passes others to `ema_scan_triton`)."""
+    """Launch settings (the sweep of lm.bench.kernels, `python -m evals.bench_kernels --sweep`, passes others to
+    `ema_scan_triton`)."""
 
     chunk: int = 128
     """Tokens per chunk."""
@@ -86,17 +86,58 @@ def _dy(DO, YP, off, dm, SILU: tl.constexpr):
 
 
 @triton.jit
+def _chunk_program(s_xb, s_xt, T, D, NC, L: tl.constexpr, N: tl.constexpr, BD: tl.constexpr):
+    """This program's part: chunk c = program_id(0) of sequence b = program_id(1), channels d (block
+    program_id(2)). Returns d, its mask, the offsets of the (BD, N) tile of (b, c) in a (B, NC, D, N) tensor and
+    of the chunk's first token in (B, T, D) with strides (s_xb, s_xt, 1), and the chunk's length."""
+    c = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d = tl.program_id(2) * BD + tl.arange(0, BD)
+    t0 = c * L
+    tile = (b * NC + c) * D * N + d[:, None] * N + tl.arange(0, N)[None, :]
+    return d, d < D, tile, b * s_xb + t0.to(tl.int64) * s_xt + d, tl.minimum(L, T - t0)
+
+
+@triton.jit
+def _coefficients(PB, Q, C, d, dm, N: tl.constexpr):
+    """The (BD, N) tiles of pb, q and c = scale gamma for channels d."""
+    n = tl.arange(0, N)
+    return _tile(PB, d, dm, n, N), _tile(Q, d, dm, n, N), _tile(C, d, dm, n, N)
+
+
+@triton.jit
+def _pass_program(Q, T, NC, DN, L: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's part of a pass over chunks: sequence b = program_id(0) (int64), flat (d, n) states e (block
+    program_id(1)) and their mask, q there, and the chunk decays q^L (a full chunk) and q^(T - (NC - 1) L) (the
+    last chunk)."""
+    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = e < DN
+    q = tl.load(Q + e, mask=m, other=0.0)
+    q_full = tl.full([BLOCK], 1.0, tl.float32)
+    for _ in range(0, L):
+        q_full = q_full * q
+    q_last = tl.full([BLOCK], 1.0, tl.float32)
+    for _ in range(0, T - (NC - 1) * L):
+        q_last = q_last * q
+    return tl.program_id(0).to(tl.int64), e, m, q, q_full, q_last
+
+
+@triton.jit
+def _load_or_zeros(PTR, off, m, PRESENT: tl.constexpr, BLOCK: tl.constexpr):
+    """The (BLOCK,) fp32 values at PTR + off where PRESENT, else zeros."""
+    if PRESENT:
+        x = tl.load(PTR + off, mask=m, other=0.0)
+    else:
+        x = tl.zeros([BLOCK], tl.float32)
+    return x
+
+
+@triton.jit
 def _chunk_state_kernel(X, Q, E, s_xb, s_xt, T, D, NC,
                         L: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, U: tl.constexpr):
-    c = tl.program_id(0)
-    b = tl.program_id(1)
-    d = tl.program_id(2) * BD + tl.arange(0, BD)
-    dm = d < D
-    n = tl.arange(0, N)
-    q = _tile(Q, d, dm, n, N)
-    t0 = c * L
-    steps = tl.minimum(L, T - t0)
-    xp = X + b.to(tl.int64) * s_xb + t0.to(tl.int64) * s_xt + d
+    d, dm, tile, off, steps = _chunk_program(s_xb, s_xt, T, D, NC, L, N, BD)
+    q = _tile(Q, d, dm, tl.arange(0, N), N)
+    xp = X + off
     h = tl.zeros([BD, N], tl.float32)
     full = steps - steps % U
     for i in range(0, full, U):
@@ -106,8 +147,7 @@ def _chunk_state_kernel(X, Q, E, s_xb, s_xt, T, D, NC,
     for i in range(full, steps):
         xt = tl.load(xp + i * s_xt, mask=dm, other=0.0).to(tl.float32)
         h = h * q + xt[:, None]
-    base = (b.to(tl.int64) * NC + c) * D * N
-    tl.store(E + base + d[:, None] * N + n[None, :], h, mask=dm[:, None])
+    tl.store(E + tile, h, mask=dm[:, None])
 
 
 @triton.jit
@@ -125,26 +165,14 @@ def _state_pass_kernel(E, PB, Q, H0, HS, HT, T, NC, DN,
                        L: tl.constexpr, HAS_H0: tl.constexpr, BLOCK: tl.constexpr, U: tl.constexpr):
     """HS[b, c] = state before chunk c; HT[b] = state after the last chunk (length T - (NC-1) L). U chunks per
     unrolled loop body, so their loads are issued together (the loop is sequential over chunks)."""
-    b = tl.program_id(0)
-    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = e < DN
-    q = tl.load(Q + e, mask=m, other=0.0)
+    b, e, m, q, q_full, q_last = _pass_program(Q, T, NC, DN, L, BLOCK)
     pb = tl.load(PB + e, mask=m, other=0.0)
-    q_full = tl.full([BLOCK], 1.0, tl.float32)
-    for _ in range(0, L):
-        q_full = q_full * q
-    q_last = tl.full([BLOCK], 1.0, tl.float32)
-    for _ in range(0, T - (NC - 1) * L):
-        q_last = q_last * q
-    if HAS_H0:
-        h = tl.load(H0 + b.to(tl.int64) * DN + e, mask=m, other=0.0)
-    else:
-        h = tl.zeros([BLOCK], tl.float32)
-    base = b.to(tl.int64) * NC * DN
+    h = _load_or_zeros(H0, b * DN + e, m, HAS_H0, BLOCK)
+    base = b * NC * DN
     for c0 in range(0, NC, U):
         for u in tl.static_range(U):
             h = _pass_step(E, HS, base, c0 + u, e, m, h, pb, q_full, q_last, NC, DN)
-    tl.store(HT + b.to(tl.int64) * DN + e, h, mask=m)
+    tl.store(HT + b * DN + e, h, mask=m)
 
 
 @triton.jit
@@ -165,20 +193,10 @@ def _chunk_scan_kernel(X, PB, Q, C, OM, HS, Y, YP, s_xb, s_xt, T, D, NC,
                        L: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, U: tl.constexpr,
                        SILU: tl.constexpr, STORE_PRE: tl.constexpr):
     """Y and YP are contiguous (B, T, D) like X after the host's contiguity check (same strides)."""
-    c = tl.program_id(0)
-    b = tl.program_id(1)
-    d = tl.program_id(2) * BD + tl.arange(0, BD)
-    dm = d < D
-    n = tl.arange(0, N)
-    q = _tile(Q, d, dm, n, N)
-    pb = _tile(PB, d, dm, n, N)
-    cc = _tile(C, d, dm, n, N)
+    d, dm, tile, off, steps = _chunk_program(s_xb, s_xt, T, D, NC, L, N, BD)
+    pb, q, cc = _coefficients(PB, Q, C, d, dm, N)
     om = tl.load(OM + d, mask=dm, other=0.0)
-    base = (b.to(tl.int64) * NC + c) * D * N
-    h = tl.load(HS + base + d[:, None] * N + n[None, :], mask=dm[:, None], other=0.0)
-    t0 = c * L
-    steps = tl.minimum(L, T - t0)
-    off = b.to(tl.int64) * s_xb + t0.to(tl.int64) * s_xt + d
+    h = tl.load(HS + tile, mask=dm[:, None], other=0.0)
     xp, yp, pp = X + off, Y + off, YP + off
     full = steps - steps % U
     for i in range(0, full, U):
@@ -205,25 +223,14 @@ def _bwd_fwd_step(xp, gp, ypp, t, s_xt, dm, h, w, p, g, dc, dq, q, pb, SILU: tl.
 def _bwd_chunk_fwd_kernel(X, DO, YP, PB, Q, C, HS, DCP, DQP, WEND, GLOC, s_xb, s_xt, T, D, NC,
                           L: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, U: tl.constexpr,
                           SILU: tl.constexpr):
-    c = tl.program_id(0)
-    b = tl.program_id(1)
-    d = tl.program_id(2) * BD + tl.arange(0, BD)
-    dm = d < D
-    n = tl.arange(0, N)
-    q = _tile(Q, d, dm, n, N)
-    pb = _tile(PB, d, dm, n, N)
-    cc = _tile(C, d, dm, n, N)
-    base = (b.to(tl.int64) * NC + c) * D * N
-    tile = base + d[:, None] * N + n[None, :]
+    d, dm, tile, off, steps = _chunk_program(s_xb, s_xt, T, D, NC, L, N, BD)
+    pb, q, cc = _coefficients(PB, Q, C, d, dm, N)
     h = tl.load(HS + tile, mask=dm[:, None], other=0.0)
     w = tl.zeros([BD, N], tl.float32)
     p = tl.full([BD, N], 1.0, tl.float32)
     g = tl.zeros([BD, N], tl.float32)
     dc = tl.zeros([BD, N], tl.float32)
     dq = tl.zeros([BD, N], tl.float32)
-    t0 = c * L
-    steps = tl.minimum(L, T - t0)
-    off = b.to(tl.int64) * s_xb + t0.to(tl.int64) * s_xt + d
     xp, gp, ypp = X + off, DO + off, YP + off
     full = steps - steps % U
     for i in range(0, full, U):
@@ -253,27 +260,15 @@ def _bwd_pass_step(GLOC, WEND, GN, base, c, e, m, g, dq, q_full, q_last, NC, DN)
 def _bwd_state_pass_kernel(GLOC, WEND, Q, DHT, GN, DH0, DQX, T, NC, DN,
                            L: tl.constexpr, HAS_DHT: tl.constexpr, BLOCK: tl.constexpr, U: tl.constexpr):
     """GN[b, c] = adjoint of the state after chunk c; DH0[b] = adjoint of h_0; DQX[b] = sum_c GN w_end."""
-    b = tl.program_id(0)
-    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = e < DN
-    q = tl.load(Q + e, mask=m, other=0.0)
-    q_full = tl.full([BLOCK], 1.0, tl.float32)
-    for _ in range(0, L):
-        q_full = q_full * q
-    q_last = tl.full([BLOCK], 1.0, tl.float32)
-    for _ in range(0, T - (NC - 1) * L):
-        q_last = q_last * q
-    if HAS_DHT:
-        g = tl.load(DHT + b.to(tl.int64) * DN + e, mask=m, other=0.0)
-    else:
-        g = tl.zeros([BLOCK], tl.float32)
+    b, e, m, q, q_full, q_last = _pass_program(Q, T, NC, DN, L, BLOCK)
+    g = _load_or_zeros(DHT, b * DN + e, m, HAS_DHT, BLOCK)
     dq = tl.zeros([BLOCK], tl.float32)
-    base = b.to(tl.int64) * NC * DN
+    base = b * NC * DN
     for i0 in range(0, NC, U):
         for u in tl.static_range(U):
             g, dq = _bwd_pass_step(GLOC, WEND, GN, base, NC - 1 - i0 - u, e, m, g, dq, q_full, q_last, NC, DN)
-    tl.store(DH0 + b.to(tl.int64) * DN + e, g, mask=m)
-    tl.store(DQX + b.to(tl.int64) * DN + e, dq, mask=m)
+    tl.store(DH0 + b * DN + e, g, mask=m)
+    tl.store(DQX + b * DN + e, dq, mask=m)
 
 
 @triton.jit
@@ -292,23 +287,12 @@ def _bwd_rev_step(xp, gp, ypp, dxp, t, s_xt, dm, r, dpb, dom, q, pb, cc, om, SIL
 def _bwd_chunk_rev_kernel(X, DO, YP, PB, Q, C, OM, GN, DX, DPBP, DOMP, s_xb, s_xt, T, D, NC,
                           L: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, U: tl.constexpr,
                           SILU: tl.constexpr):
-    c = tl.program_id(0)
-    b = tl.program_id(1)
-    d = tl.program_id(2) * BD + tl.arange(0, BD)
-    dm = d < D
-    n = tl.arange(0, N)
-    q = _tile(Q, d, dm, n, N)
-    pb = _tile(PB, d, dm, n, N)
-    cc = _tile(C, d, dm, n, N)
+    d, dm, tile, off, steps = _chunk_program(s_xb, s_xt, T, D, NC, L, N, BD)
+    pb, q, cc = _coefficients(PB, Q, C, d, dm, N)
     om = tl.load(OM + d, mask=dm, other=0.0)
-    base = (b.to(tl.int64) * NC + c) * D * N
-    tile = base + d[:, None] * N + n[None, :]
     r = tl.load(GN + tile, mask=dm[:, None], other=0.0)  # q g_{t+1} at the chunk's last token
     dpb = tl.zeros([BD, N], tl.float32)
     dom = tl.zeros([BD], tl.float32)
-    t0 = c * L
-    steps = tl.minimum(L, T - t0)
-    off = b.to(tl.int64) * s_xb + t0.to(tl.int64) * s_xt + d
     xp, gp, ypp, dxp = X + off, DO + off, YP + off, DX + off
     rem = steps % U
     for i in range(0, steps - rem, U):  # from the end: t = steps - 1 - (i + u)
@@ -318,7 +302,7 @@ def _bwd_chunk_rev_kernel(X, DO, YP, PB, Q, C, OM, GN, DX, DPBP, DOMP, s_xb, s_x
     for i in range(0, rem):
         r, dpb, dom = _bwd_rev_step(xp, gp, ypp, dxp, rem - 1 - i, s_xt, dm, r, dpb, dom, q, pb, cc, om, SILU)
     tl.store(DPBP + tile, dpb, mask=dm[:, None])
-    tl.store(DOMP + (b.to(tl.int64) * NC + c) * D + d, dom, mask=dm)
+    tl.store(DOMP + (tl.program_id(1).to(tl.int64) * NC + tl.program_id(0)) * D + d, dom, mask=dm)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,12 +10,12 @@ chunked; the choice is logged once). See vq_attention_ref.py for shapes and the 
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from lm.ops.dispatch import check_impl, choose_auto, require_fused
 from lm.ops.vq_attention_ref import (
     DenseAttentionState,
     VQAttentionState,
@@ -23,36 +23,16 @@ from lm.ops.vq_attention_ref import (
     dense_vq_attention,
 )
 
-log = logging.getLogger(__name__)
 IMPLS = ("dense", "chunked", "fused", "auto")
-_logged: set = set()
-
-
-def _fused_module():
-    try:
-        from lm.ops import vq_attention_fused
-    except ImportError:  # Triton missing (CPU-only installs)
-        return None
-    return vq_attention_fused
 
 
 def resolve_impl(impl: str, q: Tensor, v: Tensor, chunk_size: int, state=None) -> str:
     """The implementation that will run for these inputs (logs the choice for 'auto' once)."""
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+    check_impl("attention impl", impl, IMPLS)
     if impl != "auto":
         return impl
-    fused = _fused_module() if q.is_cuda else None
-    if fused is not None and fused.supports(q, v, chunk_size, state):
-        choice, why = "fused", "CUDA kernel supports these shapes"
-    else:
-        choice = "chunked"
-        why = "inputs are not on CUDA" if not q.is_cuda else "the fused kernel does not support these inputs"
-    key = (choice, why)
-    if key not in _logged:
-        _logged.add(key)
-        log.info("vq_attention impl=auto -> %s (%s)", choice, why)
-    return choice
+    return choose_auto("vq_attention impl=auto", q.is_cuda, "vq_attention_fused",
+                       lambda m: m.supports(q, v, chunk_size, state), fast="fused", fallback="chunked")
 
 
 @torch.compiler.disable
@@ -71,9 +51,8 @@ def vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codebook: T
         if q.is_cuda:  # inductor's CUDA code generation fails on this graph (a sympy "'-((0))' is not
             return _chunked_uncompiled(q, k_hat, v, codes, codebook, **kwargs)  # comparable" error): run it eager
         return chunked_vq_attention(q, k_hat, v, codes, codebook, **kwargs)
-    fused = _fused_module()
-    if fused is None:
-        raise RuntimeError("attention_impl=fused needs Triton and a CUDA GPU; use attention_impl=chunked or auto")
+    fused = require_fused("vq_attention_fused",
+                          "attention_impl=fused needs Triton and a CUDA GPU; use attention_impl=chunked or auto")
     return fused.fused_vq_attention(q, k_hat, v, codes, codebook, **kwargs)
 
 

@@ -58,7 +58,7 @@ BLK = 64  # key / code block and the dq kernel's square tile; chunk_size must be
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch settings (evals/bench_vq_attention.py passes others to `fused_vq_attention`)."""
+    """Launch settings (lm.bench.vq_attention.config_sweep passes others to `fused_vq_attention`)."""
 
     fwd_warps: int = 4
     bwd_warps: int = 4

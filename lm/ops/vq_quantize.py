@@ -17,42 +17,23 @@ impl: "reference" (`vq_quantize_reference`: float32 score tensor (B, T, H, S), a
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-log = logging.getLogger(__name__)
+from lm.ops.dispatch import check_impl, choose_auto, require_fused
+
 IMPLS = ("reference", "fused", "auto")
-_logged: set = set()
-
-
-def _fused_module():
-    try:
-        from lm.ops import vq_quantize_fused
-    except ImportError:  # Triton missing (CPU-only installs)
-        return None
-    return vq_quantize_fused
 
 
 def resolve_impl(impl: str, k: Tensor) -> str:
     """'reference' or 'fused' for these keys (logs the choice for 'auto' once)."""
-    if impl not in IMPLS:
-        raise ValueError(f"quantizer impl {impl!r} is not one of {IMPLS}")
+    check_impl("quantizer impl", impl, IMPLS)
     if impl != "auto":
         return impl
-    fused = _fused_module() if k.is_cuda else None
-    if fused is not None and fused.supports(k):
-        choice, why = "fused", "CUDA kernel supports these keys"
-    else:
-        choice = "reference"
-        why = "keys are not on CUDA" if not k.is_cuda else "the fused kernel does not support these keys"
-    key = (choice, why)
-    if key not in _logged:
-        _logged.add(key)
-        log.info("vq_quantize impl=auto -> %s (%s)", choice, why)
-    return choice
+    return choose_auto("vq_quantize impl=auto", k.is_cuda, "vq_quantize_fused", lambda m: m.supports(k),
+                       fast="fused", fallback="reference")
 
 
 @torch.no_grad()
@@ -93,9 +74,8 @@ def vq_quantize(k: Tensor, codebook: Tensor, *, stats: Optional[tuple[Tensor, Te
     impl = resolve_impl(impl, k)
     if impl == "reference":
         return vq_quantize_reference(k, codebook, stats=stats)
-    fused = _fused_module()
-    if fused is None:
-        raise RuntimeError("quantizer_impl=fused needs Triton and a CUDA GPU; use quantizer_impl=reference or auto")
+    fused = require_fused("vq_quantize_fused",
+                          "quantizer_impl=fused needs Triton and a CUDA GPU; use quantizer_impl=reference or auto")
     return fused.vq_quantize_fused(k, codebook, stats=stats)
 
 

@@ -31,10 +31,9 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SUPPORTED_DIMS = (16, 32, 64, 128)
 
 
-
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch settings (evals/bench_kernels.py --sweep passes others to `vq_quantize_fused`). Every program
+    """Launch settings (the sweep of lm.bench.kernels passes others to `vq_quantize_fused`). Every program
     reads the head's whole codebook (64 KB in bf16 at S = 512, d = 64) from L2, so more rows per program means
     less L2 traffic."""
 
@@ -51,15 +50,20 @@ CONFIG = KernelConfig()
 
 
 @triton.jit
+def _key_rows(s_km, s_kh, M, BM: tl.constexpr, D: tl.constexpr):
+    """This program's keys: head h = program_id(1), rows (block program_id(0)) of the flattened (B T) and their
+    mask, the offsets of the (BM, D) key tile in (B T, H, D) with strides (s_km, s_kh, 1), and arange(D)."""
+    h = tl.program_id(1)
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    dd = tl.arange(0, D)
+    return h, rows, rows < M, rows.to(tl.int64)[:, None] * s_km + h * s_kh + dd[None, :], dd
+
+
+@triton.jit
 def _quantize_kernel(K, CB, CBF, CN, KH, CODES, PART, CNT, SUM, M, S, H, s_km, s_kh,
                      D: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, STATS: tl.constexpr,
                      PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    rows = pid * BM + tl.arange(0, BM)
-    rm = rows < M
-    dd = tl.arange(0, D)
-    k_off = rows.to(tl.int64)[:, None] * s_km + h * s_kh + dd[None, :]
+    h, rows, rm, k_off, dd = _key_rows(s_km, s_kh, M, BM, D)
     k = tl.load(K + k_off, mask=rm[:, None], other=0.0)
     best = tl.full([BM], float("inf"), tl.float32)
     arg = tl.zeros([BM], tl.int32)
@@ -84,7 +88,7 @@ def _quantize_kernel(K, CB, CBF, CN, KH, CODES, PART, CNT, SUM, M, S, H, s_km, s
     r = kf - q
     err = tl.where(rm, tl.sum(r * r, axis=1), 0.0)
     ksq = tl.where(rm, tl.sum(kf * kf, axis=1), 0.0)
-    part = (pid * H + h) * 2
+    part = (tl.program_id(0) * H + h) * 2
     tl.store(PART + part, tl.sum(err, axis=0))
     tl.store(PART + part + 1, tl.sum(ksq, axis=0))
     if STATS:
@@ -97,12 +101,7 @@ def _quantize_kernel(K, CB, CBF, CN, KH, CODES, PART, CNT, SUM, M, S, H, s_km, s
 def _commit_grad_kernel(K, CBF, CODES, GKH, GC, DK, M, S, H, s_km, s_kh, scale,
                         D: tl.constexpr, BM: tl.constexpr, HAS_GKH: tl.constexpr):
     """DK = GKH + (2 g / (B T H)) (k - c_z), g = GC[0] the commitment loss's upstream gradient."""
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    rows = pid * BM + tl.arange(0, BM)
-    rm = rows < M
-    dd = tl.arange(0, D)
-    k_off = rows.to(tl.int64)[:, None] * s_km + h * s_kh + dd[None, :]
+    h, rows, rm, k_off, dd = _key_rows(s_km, s_kh, M, BM, D)
     kf = tl.load(K + k_off, mask=rm[:, None], other=0.0).to(tl.float32)
     code = tl.load(CODES + rows.to(tl.int64) * H + h, mask=rm, other=0)
     q = tl.load(CBF + (h * S + code)[:, None] * D + dd[None, :], mask=rm[:, None], other=0.0)

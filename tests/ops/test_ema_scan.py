@@ -14,19 +14,16 @@ Tolerances (declared once here):
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from lm.model.ema import MultiDimEMA
 from lm.ops.ema_scan import ema_scan, ema_scan_reference, resolve_ema_impl, resolve_impl
+from tests.fused_kernels import DEVICE, INTERPRET, gpu_only
 from tests.tolerances import assert_close
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL_FP32, TOL_BF16 = 1e-5, 1e-2
-gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-specific (bf16, dispatch on CUDA tensors)")
 NAMES = ("out", "h_T", "dx", "dpb", "dq", "dgamma", "domega", "dh0")
 
 

@@ -15,21 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import pytest
 import torch
 
 from lm.ops.vq_attention_ref import VQAttentionState, chunked_vq_attention
+from tests.fused_kernels import DEVICE, FUSED_MARKS, INTERPRET, gpu_only
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
-DEVICE = "cpu" if INTERPRET else "cuda"
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.triton_interpret,
-    pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET), reason="needs a CUDA GPU (or TRITON_INTERPRET=1)"),
-]
-gpu_only = pytest.mark.skipif(INTERPRET, reason="CUDA-specific (dispatch on CUDA tensors, bf16)")
+pytestmark = FUSED_MARKS
 
 triton = pytest.importorskip("triton")
 from lm.ops import vq_attention_fused as fz  # noqa: E402

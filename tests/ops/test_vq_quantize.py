@@ -14,22 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import pytest
 import torch
 
 from lm.model.quantizer import VectorQuantizer
 from lm.ops.vq_quantize import resolve_impl, vq_quantize, vq_quantize_reference
+from tests.fused_kernels import DEVICE, FUSED_MARKS, gpu_only
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.triton_interpret,
-    pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET), reason="needs a CUDA GPU (or TRITON_INTERPRET=1)"),
-]
-gpu_only = pytest.mark.skipif(INTERPRET, reason="CUDA-specific (bf16, dispatch on CUDA tensors)")
+pytestmark = FUSED_MARKS
 triton = pytest.importorskip("triton")
 from lm.ops import vq_quantize_fused as fq  # noqa: E402
 
