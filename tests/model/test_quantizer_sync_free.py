@@ -240,9 +240,11 @@ def test_update_does_not_synchronise_on_cuda(reseed):
     k = torch.randn(2, 512, 12, 64, device="cuda") * 0.1 + 1.0
     vq(k)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    before = vq.codebook.clone()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation below raises
     try:
         vq.apply_update()
         vq.step_metric_tensors()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert not torch.equal(vq.codebook, before), "the update ran without changing the codebook"

@@ -53,7 +53,7 @@ def both(logits, targets, scale, config=SMALL):
     return (ref_loss, ref), (out_loss, out)
 
 
-def check(ref, out, dtype):
+def check_close(ref, out, dtype):
     (ref_loss, ref_g), (out_loss, out_g) = ref, out
     assert out_loss.dtype == ref_loss.dtype == torch.promote_types(dtype, torch.float32)
     assert out_g.dtype == dtype
@@ -69,7 +69,7 @@ def test_kernel_matches_reference(dtype, V):
     logits, targets = make(11, V, dtype)
     targets[[0, 4, 10]] = IGNORE_INDEX
     ref, out = both(logits, targets, 0.37)
-    check(ref, out, dtype)
+    check_close(ref, out, dtype)
     assert (out[1][[0, 4, 10]] == 0).all() and (out[0][[0, 4, 10]] == 0).all()
     assert out[0].isfinite().all() and out[1].isfinite().all()
 
@@ -93,7 +93,7 @@ def test_all_ignored_chunk_gives_zero_loss_and_zero_gradient(dtype):
     logits, targets = make(5, 130, dtype, seed=1)
     targets[:] = IGNORE_INDEX
     ref, out = both(logits, targets, 0.5)
-    check(ref, out, dtype)
+    check_close(ref, out, dtype)
     assert (out[0] == 0).all() and (out[1] == 0).all()
 
 
@@ -101,7 +101,7 @@ def test_out_of_range_target_is_nan_in_both():
     logits, targets = make(4, 90, torch.float32, seed=2)
     targets[1], targets[2] = 90, -3
     ref, out = both(logits, targets, 1.0)
-    check(ref, out, torch.float32)
+    check_close(ref, out, torch.float32)
     for loss, g in (ref, out):
         assert loss[1].isnan() and loss[2].isnan() and g[1].isnan().all() and g[2].isnan().all()
         assert loss[[0, 3]].isfinite().all() and g[[0, 3]].isfinite().all()
@@ -178,7 +178,7 @@ def test_kernel_bf16_at_vocabulary_size(V):
     logits, targets = make(256, V, torch.bfloat16, spread=3.0)
     targets[::9] = IGNORE_INDEX
     ref, out = both(logits, targets, 1.0 / 4096, config=fce.CONFIG)
-    check(ref, out, torch.bfloat16)
+    check_close(ref, out, torch.bfloat16)
 
 
 @gpu_only
@@ -193,4 +193,4 @@ def test_kernel_addresses_rows_past_2_31_elements():
     tail = logits[-5:].clone()
     ref_loss = ce_grad_inplace_reference(tail, targets[-5:], 0.5)
     loss = fce.ce_grad_inplace_triton(logits, targets, 0.5)
-    check((ref_loss, tail), (loss[-5:], logits[-5:]), torch.bfloat16)
+    check_close((ref_loss, tail), (loss[-5:], logits[-5:]), torch.bfloat16)
