@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lm.ops.dispatch import check_impl, choose_auto, require_fused
+
 IGNORE_INDEX = -100
 IMPLS = ("auto", "triton", "torch")
 
@@ -83,22 +85,13 @@ def ce_grad_inplace_reference(logits: Tensor, targets: Tensor, scale: float, *,
     return out.copy_(loss)
 
 
-def _fused_module():
-    try:
-        from lm.ops import linear_ce_fused
-    except ImportError:  # Triton missing (CPU-only installs)
-        return None
-    return linear_ce_fused
-
-
 def resolve_impl(impl: str, logits: Tensor) -> str:
     """'triton' or 'torch' for this chunk of logits (see the module docstring)."""
-    if impl not in IMPLS:
-        raise ValueError(f"cross-entropy impl {impl!r} is not one of {IMPLS} (train.loss_impl)")
+    check_impl("cross-entropy impl (train.loss_impl)", impl, IMPLS)
     if impl != "auto":
         return impl
-    fused = _fused_module() if logits.is_cuda else None
-    return "triton" if fused is not None and fused.supports(logits) else "torch"
+    return choose_auto("loss_impl=auto", logits.is_cuda, "linear_ce_fused", lambda m: m.supports(logits),
+                       fast="triton", fallback="torch")
 
 
 def ce_grad_inplace(logits: Tensor, targets: Tensor, scale: float, impl: str = "auto", *,
@@ -109,9 +102,8 @@ def ce_grad_inplace(logits: Tensor, targets: Tensor, scale: float, impl: str = "
     choice = resolve_impl(impl, logits)
     if choice == "torch":
         return ce_grad_inplace_reference(logits, targets, scale, out=out), "torch"
-    fused = _fused_module()
-    if fused is None:
-        raise RuntimeError("train.loss_impl=triton needs Triton (pip install triton); set train.loss_impl=torch or auto")
+    fused = require_fused("linear_ce_fused", "train.loss_impl=triton needs Triton (pip install triton); set "
+                                             "train.loss_impl=torch or auto")
     if impl == "triton":
         return fused.ce_grad_inplace_triton(logits, targets, scale, out=out), "triton"
     try:
