@@ -256,8 +256,7 @@ def transformer_backends(cfg: RunConfig, device: torch.device) -> list[str]:
     when the recipe says auto."""
     if cfg.model.transformer.attn_backend != "auto" or device.type != "cuda":
         return [cfg.model.transformer.attn_backend]
-    return ([name for name, ok in (("flash_attn4", sdpa.flash_attn4_available()), ("flash_attn", sdpa.flash_attn_available()))
-             if ok] + ["cudnn", "flash"])
+    return sdpa.installed_flash_backends() + ["cudnn", "flash"]
 
 
 def with_backend(cfg: RunConfig, backend: str) -> RunConfig:

@@ -112,13 +112,12 @@ class MultiDimEMA(nn.Module):
         the true initial state, which the earlier ranks' final states give in closed form."""
         T = x.shape[1]
         impl = resolve_ema_impl(self.impl, x, self.ndim)
+        pb, q = self.coefficients()
         if impl == "fft":
             y, local_final = self._forward(x, None, True)  # local_final carries autograd to x and the parameters
         else:
-            pb, q = self.coefficients()
             y, local_final = ema_scan(x, pb, q, self.gamma.to(q.dtype), self.omega.to(q.dtype), scale=self.scale,
                                       state=None, return_state=True, silu=False, impl=impl)
-        _, q = self.coefficients()
         decay = q.pow(T)
         h0 = sp.ema_initial_state(local_final, decay)
         f = self.acc_dtype

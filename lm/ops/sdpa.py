@@ -44,13 +44,18 @@ def flash_attn4_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
+def installed_flash_backends() -> list[str]:
+    """The FlashAttention packages that can run here, fastest first (flash-attn 4, then flash-attn 2)."""
+    return [name for name, ok in (("flash_attn4", flash_attn4_available()), ("flash_attn", flash_attn_available()))
+            if ok]
+
+
 def candidates(requested: str, q: Tensor) -> list[str]:
     """The backends tried, in order: the requested one, or auto's preference list for q's device and dtype."""
     if requested != "auto":
         return [requested]
     if q.is_cuda:
-        order = ([name for name, ok in (("flash_attn4", flash_attn4_available()), ("flash_attn", flash_attn_available()))
-                  if ok] if q.dtype in _HALF else [])
+        order = installed_flash_backends() if q.dtype in _HALF else []
         return order + ["cudnn", "flash", "efficient", "math"]
     return ["flash", "math"]
 
