@@ -10,10 +10,11 @@ contribution of an incoming state h_0: sqrt(1/N) sum_n gamma q^(t+1) h_0. The sc
 (lm/ops/ema_scan.py: a Triton kernel on CUDA, its PyTorch twin elsewhere) runs the recurrence in chunks;
 `impl` (model.longvq.ema_impl) picks: fft, scan, or auto (the Triton scan where it runs, else fft).
 
-Sequence parallelism (`sp`, lm/parallel/sequence.py): each rank scans its segment from a zero state; the
-segment-final states of the earlier ranks, combined in closed form (decay q^T per segment of T tokens), are
-this segment's true initial state, whose contribution is then added. The final state and the state
-contribution are computed in blocks of about sqrt(T) positions, so no (D, N, T) tensor is formed.
+Sequence parallelism (`sp`, lm/parallel/sequence.py): each rank reduces its segment to the final state it
+would reach from a zero state; the earlier ranks' final states, combined in closed form (decay q^T per
+segment of T tokens), are this segment's true initial state, from which the segment's outputs come in one
+pass. The final state (and, for a carried state, the state contribution of the FFT path) is computed in
+blocks of about sqrt(T) positions, so no (D, N, T) tensor is formed.
 """
 
 from __future__ import annotations
@@ -94,8 +95,7 @@ class MultiDimEMA(nn.Module):
             raise ValueError("the EMA takes either a carried state or a sequence-parallel context, not both")
         with torch.autocast(x.device.type, enabled=False):  # FFT and kernel in float32 even under bf16 autocast
             if sp is not None:
-                y, h = self._forward_segment(x, return_state, sp)
-                return (F.silu(y) if silu else y), h
+                return self._forward_segment(x, return_state, sp, silu)
             if x.shape[1] == 1 and state is not None:  # decoding: one recurrence step, no FFT
                 y, h = self.step(x, state)
                 return (F.silu(y) if silu else y), (h if return_state else None)
@@ -107,22 +107,21 @@ class MultiDimEMA(nn.Module):
             return ema_scan(x, pb, q, self.gamma.to(q.dtype), self.omega.to(q.dtype), scale=self.scale, state=state,
                             return_state=return_state, silu=silu, impl=impl)
 
-    def _forward_segment(self, x: Tensor, return_state: bool, sp):
-        """One segment of a sequence split over ranks: the scan from a zero state, then the contribution of
-        the true initial state, which the earlier ranks' final states give in closed form."""
+    def _forward_segment(self, x: Tensor, return_state: bool, sp, silu: bool):
+        """One segment of a sequence split over ranks: this segment's final state from a zero state (a
+        reduction, `final_state`), the true initial state from the earlier ranks' final states in closed form
+        (`sp.ema_initial_state`), then the segment's outputs from that state in one pass (the scan kernel with
+        SiLU in its epilogue where it runs)."""
         T = x.shape[1]
         impl = resolve_ema_impl(self.impl, x, self.ndim)
         pb, q = self.coefficients()
+        local_final = self.final_state(x.to(self.acc_dtype).transpose(1, 2), pb, q)  # carries autograd to x
+        h0 = sp.ema_initial_state(local_final, q.pow(T))
         if impl == "fft":
-            y, local_final = self._forward(x, None, True)  # local_final carries autograd to x and the parameters
-        else:
-            y, local_final = ema_scan(x, pb, q, self.gamma.to(q.dtype), self.omega.to(q.dtype), scale=self.scale,
-                                      state=None, return_state=True, silu=False, impl=impl)
-        decay = q.pow(T)
-        h0 = sp.ema_initial_state(local_final, decay)
-        f = self.acc_dtype
-        y = (y.to(f) + self.state_contribution(h0, q, T).transpose(1, 2)).to(x.dtype)
-        return y, (local_final + decay[None] * h0 if return_state else None)
+            y, h = self._forward(x, h0, return_state)
+            return (F.silu(y) if silu else y), h
+        return ema_scan(x, pb, q, self.gamma.to(q.dtype), self.omega.to(q.dtype), scale=self.scale, state=h0,
+                        return_state=return_state, silu=silu, impl=impl)
 
     def _forward(self, x: Tensor, state: Optional[Tensor], return_state: bool):
         B, T, D = x.shape

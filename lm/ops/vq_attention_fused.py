@@ -474,8 +474,7 @@ def _cache_tables_fp32(codes: Tensor, v: Tensor, state: Optional[VQAttentionStat
     r_idx = torch.arange(T, device=dev) // C
     bh = (torch.arange(B, device=dev)[:, None] * H + torch.arange(H, device=dev)[None, :])[:, None, :]
     idx = ((bh * R + r_idx[None, :, None]) * S + codes).reshape(-1)
-    cnt = torch.zeros(B * H * R * S, dtype=torch.float32, device=dev)
-    cnt.index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.float32, device=dev))
+    cnt = torch.bincount(idx, minlength=B * H * R * S).float()  # exact integer counts, no float atomics
     sm = torch.zeros(B * H * R * S, Dv, dtype=torch.float32, device=dev)
     sm.index_add_(0, idx, v.reshape(-1, Dv).float())
     cnt = cnt.view(B, H, R, S)

@@ -155,7 +155,7 @@ def code_statistics(codes: Tensor, values: Tensor, S: int) -> tuple[Tensor, Tens
     with torch.autocast(dev.type, enabled=False):
         bh = (torch.arange(B, device=dev)[:, None, None] * H + torch.arange(H, device=dev)[None, None, :])
         idx = (bh * S + codes).reshape(-1)
-        count = torch.zeros(B * H * S, dtype=acc, device=dev).index_add(0, idx, torch.ones(idx.numel(), dtype=acc, device=dev))
+        count = torch.bincount(idx, minlength=B * H * S).to(acc)
         sums = torch.zeros(B * H * S, Dv, dtype=acc, device=dev).index_add(0, idx, values.reshape(-1, Dv).to(acc))
     return count.view(B, H, S), sums.view(B, H, S, Dv)
 
