@@ -1,7 +1,8 @@
 """Benchmark of the LongVQ block's non-attention kernels: the EMA scan (Triton) against the FFT path, the fused
-quantizer against its PyTorch twin, and the sync-free codebook update.
+quantizer against its PyTorch twin, the block's element-wise gates (Triton) against theirs (eager and, when asked,
+under torch.compile), and the sync-free codebook update.
 
-    result = run_kernel_bench(("ema", "quantize", "update"), tokens=65536, contexts=[8192, 131072],
+    result = run_kernel_bench(("ema", "quantize", "gates", "update"), tokens=65536, contexts=[8192, 131072],
                               device=torch.device("cuda"))
     print("\n".join(kernel_table(result["rows"])))
 
@@ -29,8 +30,9 @@ import triton
 from lm.bench.timing import Timer, rel_error
 from lm.model.ema import MultiDimEMA
 from lm.model.quantizer import VectorQuantizer
-from lm.ops import ema_scan_fused, vq_quantize_fused
+from lm.ops import ema_scan_fused, gates_fused, vq_quantize_fused
 from lm.ops.ema_scan import ema_scan_reference
+from lm.ops.gates import gate_split_reference, gated_residual_reference
 from lm.ops.vq_quantize import vq_quantize_reference
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,8 @@ log = logging.getLogger(__name__)
 HBM_BYTES_PER_S = 4.8e12  # H200
 FP32_FLOPS = 67e12  # CUDA-core fp32 (FMA = 2 flops), H100/H200 SXM
 BF16_FLOPS = 790e12  # dense tensor-core bf16
-TOL_BF16 = {"ema_out": 1e-2, "ema_grad": 2e-2, "commit": 1e-2, "codes_equal": 0.97}
-KERNELS = ("ema", "quantize", "update")
+TOL_BF16 = {"ema_out": 1e-2, "ema_grad": 2e-2, "commit": 1e-2, "codes_equal": 0.97, "gates": 1e-2}
+KERNELS = ("ema", "quantize", "gates", "update")
 EMA_SWEEP = tuple(itertools.product((64, 128, 256), (16, 32, 64), (1, 2, 4, 8), (4, 8, 16)))
 """(chunk, block_d, warps, unroll) launch settings the EMA sweep tries."""
 QUANTIZE_SWEEP = tuple(itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (1, 2, 3)))
@@ -59,6 +61,11 @@ class BlockShape:
     H: int = 12
     d: int = 64
     S: int = 512
+
+    @property
+    def gate_sizes(self) -> tuple[int, int, int]:
+        """(D, z_dim, E) of the gates: z_dim = H d (q/k head dim d), E = 2 D."""
+        return self.D, self.H * self.d, 2 * self.D
 
 
 def ema_cost(tokens: int, D: int, N: int, chunk: int) -> tuple[int, int, int, int]:
@@ -236,6 +243,90 @@ def quantize_sweep(shape: BlockShape, tokens: int, T: int, device: torch.device,
     return sorted(rows, key=lambda r: r["fwd_ms"])
 
 
+def gates_cost(tokens: int, D: int, dz: int, E: int) -> tuple[int, int]:
+    """(forward bytes, backward bytes) of both gate kernels per call, activations in 2-byte dtypes."""
+    W = 2 * D + dz + E
+    fwd = tokens * 2 * ((W + D + E + 2 * dz) + 5 * D)  # split: mx in, u r q k out; residual: hx y u x in, out
+    bwd = tokens * 2 * ((2 * W + 2 * D + E + 2 * dz) + 7 * D)  # split: mx, grads in, dmx out; residual
+    return fwd, bwd
+
+
+def _gates_inputs(shape: BlockShape, B: int, T: int, device: torch.device, dtype):
+    D, dz, E = shape.gate_sizes
+    g = torch.Generator(device=device).manual_seed(0)
+    mx = torch.randn(B, T, 2 * D + dz + E, device=device, generator=g).to(dtype)
+    scale = torch.randn(2, dz, device=device, generator=g) * 0.5 + 1
+    shift = torch.randn(2, dz, device=device, generator=g) * 0.5
+    y, x = (torch.randn(B, T, D, device=device, generator=g).to(dtype) for _ in range(2))
+    return [t.requires_grad_() for t in (mx, scale, shift, y, x)]
+
+
+def gates_step(split, residual, shape: BlockShape, inputs) -> list[torch.Tensor]:
+    """Both gate sites as the block calls them (q, k and r feed stand-ins for the attention and the output
+    projection): the block output and the q, k, r it used."""
+    mx, scale, shift, y, x = inputs
+    u, q, k, r, hx = split(mx, scale, shift, sizes=shape.gate_sizes, heads=shape.H, query_norm=False,
+                           key_norm="rms", dtype=mx.dtype)
+    return [residual(hx, y, u, x, residual="add"), q, k, r]
+
+
+def _gates_fused_pair():
+    return gates_fused.gate_split_triton, gates_fused.gated_residual_triton
+
+
+def gates_check(shape: BlockShape, T: int, B: int, device: torch.device, dtype=torch.bfloat16) -> tuple[dict, bool]:
+    """Relative errors of the Triton gates in `dtype` (outputs, every input's gradient) against the references on
+    the same inputs; ok when within TOL_BF16["gates"]."""
+    inputs = _gates_inputs(shape, B, T, device, dtype)
+    ups = None
+
+    def run(split, residual):
+        nonlocal ups
+        outs = gates_step(split, residual, shape, inputs)
+        if ups is None:
+            ups = [torch.randn_like(o, dtype=torch.float32) for o in outs]
+        grads = torch.autograd.grad(sum((o.float() * g).sum() for o, g in zip(outs, ups)), inputs)
+        return [o.detach() for o in outs] + list(grads)
+
+    ref = run(gate_split_reference, gated_residual_reference)
+    got = run(*_gates_fused_pair())
+    names = ("out", "q", "k", "r", "d_mx", "d_scale", "d_shift", "d_y", "d_x")
+    errors = {name: rel_error(a, b) for name, a, b in zip(names, got, ref)}
+    return errors, all(e <= TOL_BF16["gates"] for e in errors.values())
+
+
+def gates_rows(shape: BlockShape, tokens: int, contexts: Iterable[int], device: torch.device, dtype=torch.bfloat16,
+               compile_reference: bool = False) -> list[dict]:
+    """Per context: both gate sites by PyTorch's eager ops ('reference'), under torch.compile when asked
+    ('reference_compiled') and by the Triton kernels ('triton'), forward and forward+backward, speed-up against
+    the eager reference (the roofline of the kernels' own traffic in `ideal_*`)."""
+    D, dz, E = shape.gate_sizes
+    timer, rows = Timer(device), []
+    for T in contexts:
+        B = max(1, tokens // T)
+        inputs = _gates_inputs(shape, B, T, device, dtype)
+        arms = {"reference": (gate_split_reference, gated_residual_reference), "triton": _gates_fused_pair()}
+        fns = {name: (lambda pair=pair: gates_step(*pair, shape, inputs)) for name, pair in arms.items()}
+        if compile_reference:
+            fns["reference_compiled"] = torch.compile(fns["reference"])
+        fb, bb = gates_cost(B * T, D, dz, E)
+        context_rows = []
+        for name, fn in fns.items():
+            def fwd_bwd(fn=fn):
+                outs = fn()
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+            row = dict(kernel="gates", arm=name, T=T, B=B, fwd_ms=timer(fn, *ARM_MS),
+                       fwd_bwd_ms=timer(fwd_bwd, *ARM_MS))
+            if name == "triton":
+                row.update(ideal_fwd_ms=roofline_ms(fb, 0, BF16_FLOPS), ideal_fwd_bwd_ms=roofline_ms(fb + bb, 0, BF16_FLOPS))
+            context_rows.append(row)
+        for r in context_rows:
+            r["speedup_fwd_bwd_vs_reference"] = context_rows[0]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        rows += context_rows
+    return rows
+
+
 def update_rows(shape: BlockShape, layers: int, device: torch.device, tokens: int = 2048) -> list[dict]:
     """VectorQuantizer.apply_update for `layers` quantizers (one optimizer step, timed as forwards + updates minus
     forwards), split and batch re-seeding. On CUDA the update also runs once under
@@ -286,11 +377,12 @@ def device_name(device: torch.device) -> str:
 def run_kernel_bench(kernels: Iterable[str], tokens: int, contexts: list[int], device: torch.device, *,
                      dtype=torch.bfloat16, shape: BlockShape = BlockShape(),
                      sweep: bool = False, sweep_grids: tuple = (EMA_SWEEP, QUANTIZE_SWEEP), top: int = 10,
-                     compile_fft: bool = False, update_layers: int = 12, update_tokens: int = 2048) -> dict:
+                     compile_fft: bool = False, compile_gates: bool = False, update_layers: int = 12, update_tokens: int = 2048) -> dict:
     """The whole benchmark: {"meta", "checks", "rows", "failed_checks"}.
 
     kernels: any of KERNELS. The checks and the sweeps (the `top` fastest settings of each grid) use the first
-    context; the EMA check at most 8192 tokens of it, two sequences."""
+    context; the EMA and gates checks at most 8192 tokens of it, two sequences. compile_fft / compile_gates: also
+    time the FFT path / the gates' reference under torch.compile."""
     kernels = set(kernels)
     unknown = kernels - set(KERNELS)
     if unknown:
@@ -308,12 +400,17 @@ def run_kernel_bench(kernels: Iterable[str], tokens: int, contexts: list[int], d
         rows += qrows
         if sweep:
             rows += quantize_sweep(shape, tokens, contexts[0], device, dtype, sweep_grids[1])[:top]
+    if "gates" in kernels:
+        checks["gates"], ok = gates_check(shape, min(contexts[0], 8192), 2, device, dtype)
+        failed += [] if ok else ["gates"]
+        rows += gates_rows(shape, tokens, contexts, device, dtype, compile_gates)
     if "update" in kernels:
         rows += update_rows(shape, update_layers, device, update_tokens)
     meta = dict(device=device_name(device), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), tokens=tokens, dtype=str(dtype).replace("torch.", ""),
                 tolerances=TOL_BF16, ema_config=dataclasses.asdict(ema_scan_fused.CONFIG),
-                quantize_config=dataclasses.asdict(vq_quantize_fused.CONFIG))
+                quantize_config=dataclasses.asdict(vq_quantize_fused.CONFIG),
+                gates_config=dataclasses.asdict(gates_fused.CONFIG))
     return dict(meta=meta, checks=checks, rows=rows, failed_checks=failed)
 
 
@@ -340,5 +437,5 @@ def kernel_table(rows: list[dict]) -> list[str]:
 
 
 __all__ = ["BlockShape", "KERNELS", "TOL_BF16", "EMA_SWEEP", "QUANTIZE_SWEEP", "ARM_MS", "SWEEP_MS", "ema_cost",
-           "quantize_cost", "roofline_ms", "ema_scan_call", "ema_check", "ema_rows", "ema_sweep", "quantize_rows",
-           "quantize_sweep", "update_rows", "device_name", "run_kernel_bench", "kernel_table"]
+           "quantize_cost", "gates_cost", "roofline_ms", "ema_scan_call", "ema_check", "ema_rows", "ema_sweep", "quantize_rows",
+           "quantize_sweep", "gates_check", "gates_rows", "gates_step", "update_rows", "device_name", "run_kernel_bench", "kernel_table"]
