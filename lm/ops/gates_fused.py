@@ -167,7 +167,7 @@ def _gate_split_bwd_kernel(MX, SCALE, SHIFT, Q, DU, DQ, DK_, DR, DHX, DMX, PART,
         s = _sigmoid(a)
         tl.store(DMX + drow[:, None] + cols[None, :], (g * s * (1.0 - s)).to(DMX.dtype.element_ty), mask=m2)
         if HAS_DHX:
-            gh = tl.load(DHX + rows[:, None] * D + cols[None, :], mask=m2, other=0.0)
+            gh = tl.load(DHX + rows[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         else:
             gh = tl.zeros([BM, BN], tl.float32)
         tl.store(DMX + drow[:, None] + D + DZ + E + cols[None, :], gh.to(DMX.dtype.element_ty), mask=m2)

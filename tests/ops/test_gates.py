@@ -339,6 +339,29 @@ def test_mixer_with_triton_gates_matches_reference(tiny_model_config, opts):
         assert rel(a, b) <= 1e-5, i
 
 
+@pytest.mark.gpu
+@pytest.mark.triton_interpret
+def test_checkpointed_model_with_triton_gates_matches_reference(tiny_model_config):
+    """The whole model under activation checkpointing (the forward recomputed in backward): logits and every
+    parameter's gradient with gate_impl=triton against gate_impl=reference."""
+    _fused()
+    from lm.model import build_model
+    from lm.parallel.activation_checkpointing import apply_activation_checkpointing
+
+    results = []
+    for gate_impl in ("reference", "triton"):
+        cfg = tiny_model_config()
+        cfg.longvq.gate_impl = gate_impl
+        torch.manual_seed(0)
+        model = build_model(cfg).to(DEVICE).train()
+        apply_activation_checkpointing(model.blocks)
+        out = model(torch.randint(0, 32, (2, 13), generator=torch.Generator().manual_seed(0)).to(DEVICE))
+        (out.logits.pow(2).mean() + out.aux_loss).backward()
+        results.append((out.logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert rel(results[1][0], results[0][0]) <= 1e-5
+    assert rel(results[1][1], results[0][1]) <= 1e-5
+
+
 @gpu_only
 @pytest.mark.gpu
 @pytest.mark.parametrize("query_norm, key_norm", list(itertools.product([False, True], KEY_NORMS)))
