@@ -319,7 +319,8 @@ def gates_rows(shape: BlockShape, tokens: int, contexts: Iterable[int], device: 
             row = dict(kernel="gates", arm=name, T=T, B=B, fwd_ms=timer(fn, *ARM_MS),
                        fwd_bwd_ms=timer(fwd_bwd, *ARM_MS))
             if name == "triton":
-                row.update(ideal_fwd_ms=roofline_ms(fb, 0, BF16_FLOPS), ideal_fwd_bwd_ms=roofline_ms(fb + bb, 0, BF16_FLOPS))
+                row.update(ideal_fwd_ms=roofline_ms(fb, 0, BF16_FLOPS),
+                           ideal_fwd_bwd_ms=roofline_ms(fb + bb, 0, BF16_FLOPS))
             context_rows.append(row)
         for r in context_rows:
             r["speedup_fwd_bwd_vs_reference"] = context_rows[0]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
@@ -377,7 +378,8 @@ def device_name(device: torch.device) -> str:
 def run_kernel_bench(kernels: Iterable[str], tokens: int, contexts: list[int], device: torch.device, *,
                      dtype=torch.bfloat16, shape: BlockShape = BlockShape(),
                      sweep: bool = False, sweep_grids: tuple = (EMA_SWEEP, QUANTIZE_SWEEP), top: int = 10,
-                     compile_fft: bool = False, compile_gates: bool = False, update_layers: int = 12, update_tokens: int = 2048) -> dict:
+                     compile_fft: bool = False, compile_gates: bool = False, update_layers: int = 12,
+                     update_tokens: int = 2048) -> dict:
     """The whole benchmark: {"meta", "checks", "rows", "failed_checks"}.
 
     kernels: any of KERNELS. The checks and the sweeps (the `top` fastest settings of each grid) use the first

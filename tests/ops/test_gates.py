@@ -140,6 +140,10 @@ def test_reference_with_dropout_is_the_original_block(tiny_model_config, residua
 def test_dispatch_on_cpu_and_bad_settings():
     x = torch.randn(3, 4)
     assert resolve_impl("auto", "gate_split", x) == "reference"
+    mx, scale, shift = torch.randn(5, 2 * 4 + 6 + 8), torch.randn(2, 6), torch.randn(2, 6)
+    kw = dict(sizes=(4, 6, 8), heads=2, query_norm=True, key_norm="center_rms")
+    for a, b in zip(gate_split(mx, scale, shift, impl="auto", **kw), gate_split_reference(mx, scale, shift, **kw)):
+        assert torch.equal(a, b)
     assert resolve_impl("triton", "gate_split", x) == "triton"
     with pytest.raises(ValueError, match=r"model\.longvq\.gate_impl 'fast' is not one of"):
         resolve_impl("fast", "gate_split", x)
@@ -296,7 +300,8 @@ def _run_residual(fn, hx, y, u, x, up, **kw):
 def _compare_residual(lead, D, residual, dtypes=(torch.float32, torch.float32), hx_stride=0, fn=None):
     fz = _fused()
     args = _residual_args(lead, D, dtypes, hx_stride=hx_stride)
-    up = torch.randn(*lead, D, dtype=torch.float64, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(3))
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    up = torch.randn(*lead, D, dtype=torch.float64, device=DEVICE, generator=g)
     want = _run_residual(gated_residual_reference, *args, up, residual=residual)
     impl = fn or (lambda *a, **k: fz.gated_residual_triton(*a, config=_small(fz), **k))
     got = _run_residual(impl, *args, up, residual=residual)
