@@ -31,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--contexts", type=positive_ints, default="4096,8192,32768,131072", help="comma-separated T values")
     p.add_argument("--kernels", default="ema,quantize,gates,update",
                    help="comma-separated: ema, quantize, gates, update")
-    p.add_argument("--sweep", action="store_true", help="also sweep the EMA scan and quantizer CONFIG (first context)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also sweep the EMA scan, quantizer and gates CONFIG (first context)")
     p.add_argument("--compile-fft", action="store_true", help="also time the FFT path under torch.compile")
     p.add_argument("--compile-gates", action="store_true", help="also time the gates' reference under torch.compile")
     p.add_argument("--out", default=None, help="JSON path (default runs/bench_kernels_<date>.json)")

@@ -18,6 +18,7 @@ FLOPs on an H200.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import platform
@@ -46,6 +47,8 @@ EMA_SWEEP = tuple(itertools.product((64, 128, 256), (16, 32, 64), (1, 2, 4, 8), 
 """(chunk, block_d, warps, unroll) launch settings the EMA sweep tries."""
 QUANTIZE_SWEEP = tuple(itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (1, 2, 3)))
 """(block_m, block_s, warps, stages) launch settings the quantizer sweep tries."""
+GATES_SWEEP = tuple(itertools.product((8, 16, 32, 64), (64, 128, 256), (2, 4, 8)))
+"""(block_m, block_n, warps) launch settings the gates sweep tries (one KernelConfig for both sites)."""
 ARM_MS = (10, 50)
 """(warm-up, timed) milliseconds per compared arm (Timer)."""
 SWEEP_MS = (3, 10)
@@ -270,8 +273,16 @@ def gates_step(split, residual, shape: BlockShape, inputs) -> list[torch.Tensor]
     return [residual(hx, y, u, x, residual="add"), q, k, r]
 
 
-def _gates_fused_pair():
-    return gates_fused.gate_split_triton, gates_fused.gated_residual_triton
+def _gates_fused_pair(config=None):
+    if config is None:
+        return gates_fused.gate_split_triton, gates_fused.gated_residual_triton
+    return (functools.partial(gates_fused.gate_split_triton, config=config),
+            functools.partial(gates_fused.gated_residual_triton, config=config))
+
+
+def _fwd_bwd(fn):
+    outs = fn()
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
 
 def gates_check(shape: BlockShape, T: int, B: int, device: torch.device, dtype=torch.bfloat16) -> tuple[dict, bool]:
@@ -312,12 +323,8 @@ def gates_rows(shape: BlockShape, tokens: int, contexts: Iterable[int], device: 
         fb, bb = gates_cost(B * T, D, dz, E)
         context_rows = []
         for name, fn in fns.items():
-            def fwd_bwd(fn=fn):
-                outs = fn()
-                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-
             row = dict(kernel="gates", arm=name, T=T, B=B, fwd_ms=timer(fn, *ARM_MS),
-                       fwd_bwd_ms=timer(fwd_bwd, *ARM_MS))
+                       fwd_bwd_ms=timer(lambda fn=fn: _fwd_bwd(fn), *ARM_MS))
             if name == "triton":
                 row.update(ideal_fwd_ms=roofline_ms(fb, 0, BF16_FLOPS),
                            ideal_fwd_bwd_ms=roofline_ms(fb + bb, 0, BF16_FLOPS))
@@ -326,6 +333,24 @@ def gates_rows(shape: BlockShape, tokens: int, contexts: Iterable[int], device: 
             r["speedup_fwd_bwd_vs_reference"] = context_rows[0]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
         rows += context_rows
     return rows
+
+
+def gates_sweep(shape: BlockShape, tokens: int, T: int, device: torch.device, dtype=torch.bfloat16,
+                grid: Iterable[tuple] = GATES_SWEEP) -> list[dict]:
+    """Forward+backward of both Triton gate sites per (block_m, block_n, warps) in grid, fastest first; settings
+    that do not compile are logged and left out."""
+    B = max(1, tokens // T)
+    inputs = _gates_inputs(shape, B, T, device, dtype)
+    timer, rows = Timer(device), []
+    for bm, bn, warps in grid:
+        pair = _gates_fused_pair(dataclasses.replace(gates_fused.CONFIG, block_m=bm, block_n=bn, warps=warps))
+        try:
+            ms = timer(lambda: _fwd_bwd(lambda: gates_step(*pair, shape, inputs)), *SWEEP_MS)
+        except Exception as e:  # noqa: BLE001  (a setting that does not compile: report and go on)
+            log.warning("gates sweep block_m=%d block_n=%d warps=%d failed: %.80r", bm, bn, warps, e)
+            continue
+        rows.append(dict(kernel="gates_sweep", T=T, B=B, block_m=bm, block_n=bn, warps=warps, fwd_bwd_ms=ms))
+    return sorted(rows, key=lambda r: r["fwd_bwd_ms"])
 
 
 def update_rows(shape: BlockShape, layers: int, device: torch.device, tokens: int = 2048) -> list[dict]:
@@ -377,7 +402,8 @@ def device_name(device: torch.device) -> str:
 
 def run_kernel_bench(kernels: Iterable[str], tokens: int, contexts: list[int], device: torch.device, *,
                      dtype=torch.bfloat16, shape: BlockShape = BlockShape(),
-                     sweep: bool = False, sweep_grids: tuple = (EMA_SWEEP, QUANTIZE_SWEEP), top: int = 10,
+                     sweep: bool = False, sweep_grids: tuple = (EMA_SWEEP, QUANTIZE_SWEEP, GATES_SWEEP),
+                     top: int = 10,
                      compile_fft: bool = False, compile_gates: bool = False, update_layers: int = 12,
                      update_tokens: int = 2048) -> dict:
     """The whole benchmark: {"meta", "checks", "rows", "failed_checks"}.
@@ -406,6 +432,8 @@ def run_kernel_bench(kernels: Iterable[str], tokens: int, contexts: list[int], d
         checks["gates"], ok = gates_check(shape, min(contexts[0], 8192), 2, device, dtype)
         failed += [] if ok else ["gates"]
         rows += gates_rows(shape, tokens, contexts, device, dtype, compile_gates)
+        if sweep:
+            rows += gates_sweep(shape, tokens, contexts[0], device, dtype, sweep_grids[2])[:top]
     if "update" in kernels:
         rows += update_rows(shape, update_layers, device, update_tokens)
     meta = dict(device=device_name(device), torch=torch.__version__, triton=triton.__version__,
@@ -423,6 +451,9 @@ def kernel_table(rows: list[dict]) -> list[str]:
         if r["kernel"] == "ema_sweep":
             arm = "c%d bd%d w%d u%d" % (r["chunk"], r["block_d"], r["warps"], r["unroll"])
             lines.append(f"{'ema_sweep':<16}{arm:<14}{r['T']:>8}{r['B']:>4}{'':>10}{r['fwd_bwd_ms']:>12.3f}")
+        elif r["kernel"] == "gates_sweep":
+            arm = "m%d n%d w%d" % (r["block_m"], r["block_n"], r["warps"])
+            lines.append(f"{'gates_sweep':<16}{arm:<14}{r['T']:>8}{r['B']:>4}{'':>10}{r['fwd_bwd_ms']:>12.3f}")
         elif r["kernel"] == "quantize_sweep":
             arm = "m%d s%d w%d st%d" % (r["block_m"], r["block_s"], r["warps"], r["stages"])
             lines.append(f"{'quantize_sweep':<16}{arm:<14}{r['T']:>8}{r['B']:>4}{r['fwd_ms']:>10.3f}")
@@ -438,6 +469,7 @@ def kernel_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-__all__ = ["BlockShape", "KERNELS", "TOL_BF16", "EMA_SWEEP", "QUANTIZE_SWEEP", "ARM_MS", "SWEEP_MS", "ema_cost",
-           "quantize_cost", "gates_cost", "roofline_ms", "ema_scan_call", "ema_check", "ema_rows", "ema_sweep", "quantize_rows",
-           "quantize_sweep", "gates_check", "gates_rows", "gates_step", "update_rows", "device_name", "run_kernel_bench", "kernel_table"]
+__all__ = ["BlockShape", "KERNELS", "TOL_BF16", "EMA_SWEEP", "QUANTIZE_SWEEP", "GATES_SWEEP", "ARM_MS", "SWEEP_MS",
+           "ema_cost", "quantize_cost", "gates_cost", "roofline_ms", "ema_scan_call", "ema_check", "ema_rows",
+           "ema_sweep", "quantize_rows", "quantize_sweep", "gates_check", "gates_rows", "gates_step", "gates_sweep",
+           "update_rows", "device_name", "run_kernel_bench", "kernel_table"]

@@ -24,8 +24,8 @@ SHAPE = kb.BlockShape(D=16, N=4, H=2, d=16, S=16)
 @pytest.mark.triton_interpret
 def test_the_whole_benchmark_on_tiny_shapes():
     res = kb.run_kernel_bench(kb.KERNELS, 64, [32, 64], DEVICE, dtype=DTYPE, shape=SHAPE,
-                              sweep=True, sweep_grids=([(32, 16, 1, 4), (16, 16, 1, 2)], [(32, 16, 1, 1)]), top=1,
-                              update_layers=2, update_tokens=64)
+                              sweep=True, top=1, update_layers=2, update_tokens=64,
+                              sweep_grids=([(32, 16, 1, 4), (16, 16, 1, 2)], [(32, 16, 1, 1)], [(8, 16, 1), (16, 32, 2)]))
     assert res["failed_checks"] == [], res["checks"]
     assert res["checks"]["ema"]["out"] <= kb.TOL_BF16["ema_out"] and res["checks"]["quantize"]["codes_equal"] > 0.97
     assert res["meta"]["dtype"] == str(DTYPE).replace("torch.", "") and res["meta"]["tokens"] == 64
@@ -41,7 +41,7 @@ def test_the_whole_benchmark_on_tiny_shapes():
     assert [r["arm"] for r in by["quantize"]] == ["reference", "fused"]
     assert by["quantize"][1]["speedup_fwd_bwd_vs_reference"] == pytest.approx(
         by["quantize"][0]["fwd_bwd_ms"] / by["quantize"][1]["fwd_bwd_ms"])
-    assert len(by["ema_sweep"]) == 1 and len(by["quantize_sweep"]) == 1  # top=1 of each grid
+    assert len(by["ema_sweep"]) == 1 and len(by["quantize_sweep"]) == 1 and len(by["gates_sweep"]) == 1  # top=1
     assert [(r["arm"], r["T"]) for r in by["gates"]] == [("reference", 32), ("triton", 32), ("reference", 64),
                                                          ("triton", 64)]
     assert res["checks"]["gates"]["d_mx"] <= kb.TOL_BF16["gates"] and by["gates"][1]["ideal_fwd_bwd_ms"] > 0
