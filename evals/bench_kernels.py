@@ -1,5 +1,6 @@
 """Kernel benchmark for the LongVQ block's non-attention kernels: the EMA scan (Triton) against the FFT path, the
-fused quantizer against its PyTorch twin, and the sync-free codebook update. CUDA only.
+fused quantizer against its PyTorch twin, the element-wise gates (Triton) against theirs, and the sync-free codebook
+update. CUDA only.
 
 For each kernel it first checks bf16 results against the reference (relative errors printed, and failing the run
 when above the declared tolerance), then times forward and forward+backward (median of triton.testing.do_bench)
@@ -8,6 +9,7 @@ Prints a table and writes JSON (default runs/bench_kernels_<date>.json). The met
 
     python -m evals.bench_kernels
     python -m evals.bench_kernels --contexts 8192 --sweep            # also sweep the kernels' launch settings
+    python -m evals.bench_kernels --kernels gates --compile-gates   # the gates: eager, compiled and Triton
 """
 
 from __future__ import annotations
@@ -27,17 +29,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m evals.bench_kernels", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=65536, help="tokens per call (B = tokens / T)")
     p.add_argument("--contexts", type=positive_ints, default="4096,8192,32768,131072", help="comma-separated T values")
-    p.add_argument("--kernels", default="ema,quantize,update", help="comma-separated: ema, quantize, update")
-    p.add_argument("--sweep", action="store_true", help="also sweep the EMA scan and quantizer CONFIG (first context)")
+    p.add_argument("--kernels", default="ema,quantize,gates,update",
+                   help="comma-separated: ema, quantize, gates, update")
+    p.add_argument("--sweep", action="store_true",
+                   help="also sweep the EMA scan, quantizer and gates CONFIG (first context)")
     p.add_argument("--compile-fft", action="store_true", help="also time the FFT path under torch.compile")
+    p.add_argument("--compile-gates", action="store_true", help="also time the gates' reference under torch.compile")
     p.add_argument("--out", default=None, help="JSON path (default runs/bench_kernels_<date>.json)")
     args = p.parse_args(argv)
     if args.tokens < 1:
         p.error("--tokens must be >= 1")
     args.kernels = args.kernels.split(",")
-    bad = [k for k in args.kernels if k not in ("ema", "quantize", "update")]
+    bad = [k for k in args.kernels if k not in ("ema", "quantize", "gates", "update")]
     if bad:
-        p.error(f"--kernels {bad[0]!r}: choose from ema, quantize, update")
+        p.error(f"--kernels {bad[0]!r}: choose from ema, quantize, gates, update")
     return args
 
 
@@ -51,7 +56,7 @@ def main(argv=None) -> int:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     result = kb.run_kernel_bench(args.kernels, args.tokens, args.contexts, torch.device("cuda"), sweep=args.sweep,
-                                 compile_fft=args.compile_fft)
+                                 compile_fft=args.compile_fft, compile_gates=args.compile_gates)
     print("\n".join(kb.kernel_table(result["rows"])))
     for name, c in result["checks"].items():
         print(f"check {name}: " + ", ".join(f"{k} {v:.2e}" for k, v in c.items()))

@@ -76,6 +76,12 @@ class LongVQConfig:
     quantizer_impl: Literal["reference", "fused", "auto"] = "auto"
     """Nearest-code assignment: reference = PyTorch through a float32 (tokens, heads, S) score tensor; fused = one
     Triton kernel (CUDA; bf16 distance tiles for bf16 keys, no score tensor); auto = fused where it runs."""
+    gate_impl: Literal["reference", "triton", "auto"] = "auto"
+    """The block's element-wise gates around its GEMMs (lm/ops/gates.py): the split of the shared projection into
+    u, r, q, k (sigmoid, SiLU, the q/k affine maps and their norms) and the gated residual SiLU(hx + y) with the
+    update gate. reference = PyTorch's element-wise ops; triton = one Triton kernel per site, forward and
+    backward (CUDA); auto = triton on CUDA in eager blocks, reference under torch.compile (Inductor fuses these
+    ops itself) and on CPU; with model.dropout > 0 in training the residual site takes the reference."""
     normalize_keys: bool = True
     """RMS-normalise keys (no gain) before quantisation so the codebook sees a stable scale."""
     key_norm: Literal["rms", "center_rms"] = "rms"
@@ -268,6 +274,9 @@ class ModelConfig:
         _check(self.vocab_size >= 2, f"model.vocab_size must be >= 2, got {self.vocab_size}")
         _positive("model.ffn_dim", self.ffn_dim)
         _probability("model.dropout", self.dropout)
+        _check(not (self.arch == "longvq" and self.longvq.gate_impl == "triton" and self.dropout > 0),
+               f"model.longvq.gate_impl=triton has no dropout but model.dropout={self.dropout}: use "
+               "model.longvq.gate_impl=auto (the reference where dropout is on) or reference")
         _check(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}")
         _check(self.init_std > 0, f"model.init_std must be > 0, got {self.init_std}")
         self.mixer.validate(self.d_model)

@@ -1,7 +1,8 @@
 """Benchmark of the LongVQ block's non-attention kernels: the EMA scan (Triton) against the FFT path, the fused
-quantizer against its PyTorch twin, and the sync-free codebook update.
+quantizer against its PyTorch twin, the block's element-wise gates (Triton) against theirs (eager and, when asked,
+under torch.compile), and the sync-free codebook update.
 
-    result = run_kernel_bench(("ema", "quantize", "update"), tokens=65536, contexts=[8192, 131072],
+    result = run_kernel_bench(("ema", "quantize", "gates", "update"), tokens=65536, contexts=[8192, 131072],
                               device=torch.device("cuda"))
     print("\n".join(kernel_table(result["rows"])))
 
@@ -17,6 +18,7 @@ FLOPs on an H200.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import platform
@@ -29,8 +31,9 @@ import triton
 from lm.bench.timing import Timer, rel_error
 from lm.model.ema import MultiDimEMA
 from lm.model.quantizer import VectorQuantizer
-from lm.ops import ema_scan_fused, vq_quantize_fused
+from lm.ops import ema_scan_fused, gates_fused, vq_quantize_fused
 from lm.ops.ema_scan import ema_scan_reference
+from lm.ops.gates import gate_split_reference, gated_residual_reference
 from lm.ops.vq_quantize import vq_quantize_reference
 
 log = logging.getLogger(__name__)
@@ -38,12 +41,14 @@ log = logging.getLogger(__name__)
 HBM_BYTES_PER_S = 4.8e12  # H200
 FP32_FLOPS = 67e12  # CUDA-core fp32 (FMA = 2 flops), H100/H200 SXM
 BF16_FLOPS = 790e12  # dense tensor-core bf16
-TOL_BF16 = {"ema_out": 1e-2, "ema_grad": 2e-2, "commit": 1e-2, "codes_equal": 0.97}
-KERNELS = ("ema", "quantize", "update")
+TOL_BF16 = {"ema_out": 1e-2, "ema_grad": 2e-2, "commit": 1e-2, "codes_equal": 0.97, "gates": 1e-2}
+KERNELS = ("ema", "quantize", "gates", "update")
 EMA_SWEEP = tuple(itertools.product((64, 128, 256), (16, 32, 64), (1, 2, 4, 8), (4, 8, 16)))
 """(chunk, block_d, warps, unroll) launch settings the EMA sweep tries."""
 QUANTIZE_SWEEP = tuple(itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (1, 2, 3)))
 """(block_m, block_s, warps, stages) launch settings the quantizer sweep tries."""
+GATES_SWEEP = tuple(itertools.product((8, 16, 32, 64), (64, 128, 256), (2, 4, 8)))
+"""(block_m, block_n, warps) launch settings the gates sweep tries (one KernelConfig for both sites)."""
 ARM_MS = (10, 50)
 """(warm-up, timed) milliseconds per compared arm (Timer)."""
 SWEEP_MS = (3, 10)
@@ -59,6 +64,11 @@ class BlockShape:
     H: int = 12
     d: int = 64
     S: int = 512
+
+    @property
+    def gate_sizes(self) -> tuple[int, int, int]:
+        """(D, z_dim, E) of the gates: z_dim = H d (q/k head dim d), E = 2 D."""
+        return self.D, self.H * self.d, 2 * self.D
 
 
 def ema_cost(tokens: int, D: int, N: int, chunk: int) -> tuple[int, int, int, int]:
@@ -236,6 +246,113 @@ def quantize_sweep(shape: BlockShape, tokens: int, T: int, device: torch.device,
     return sorted(rows, key=lambda r: r["fwd_ms"])
 
 
+def gates_cost(tokens: int, D: int, dz: int, E: int) -> tuple[int, int]:
+    """(forward bytes, backward bytes) of both gate kernels per call, activations in 2-byte dtypes."""
+    W = 2 * D + dz + E
+    fwd = tokens * 2 * ((W + D + E + 2 * dz) + 5 * D)  # split: mx in, u r q k out; residual: hx y u x in, out
+    bwd = tokens * 2 * ((2 * W + 2 * D + E + 2 * dz) + 7 * D)  # split: mx, grads in, dmx out; residual
+    return fwd, bwd
+
+
+def _gates_inputs(shape: BlockShape, B: int, T: int, device: torch.device, dtype):
+    D, dz, E = shape.gate_sizes
+    g = torch.Generator(device=device).manual_seed(0)
+    mx = torch.randn(B, T, 2 * D + dz + E, device=device, generator=g).to(dtype)
+    scale = torch.randn(2, dz, device=device, generator=g) * 0.5 + 1
+    shift = torch.randn(2, dz, device=device, generator=g) * 0.5
+    y, x = (torch.randn(B, T, D, device=device, generator=g).to(dtype) for _ in range(2))
+    return [t.requires_grad_() for t in (mx, scale, shift, y, x)]
+
+
+def gates_step(split, residual, shape: BlockShape, inputs) -> list[torch.Tensor]:
+    """Both gate sites as the block calls them (q, k and r feed stand-ins for the attention and the output
+    projection): the block output and the q, k, r it used."""
+    mx, scale, shift, y, x = inputs
+    u, q, k, r, hx = split(mx, scale, shift, sizes=shape.gate_sizes, heads=shape.H, query_norm=False,
+                           key_norm="rms", dtype=mx.dtype)
+    return [residual(hx, y, u, x, residual="add"), q, k, r]
+
+
+def _gates_fused_pair(config=None):
+    if config is None:
+        return gates_fused.gate_split_triton, gates_fused.gated_residual_triton
+    return (functools.partial(gates_fused.gate_split_triton, config=config),
+            functools.partial(gates_fused.gated_residual_triton, config=config))
+
+
+def _fwd_bwd(fn):
+    outs = fn()
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+
+def gates_check(shape: BlockShape, T: int, B: int, device: torch.device, dtype=torch.bfloat16) -> tuple[dict, bool]:
+    """Relative errors of the Triton gates in `dtype` (outputs, every input's gradient) against the references on
+    the same inputs; ok when within TOL_BF16["gates"]."""
+    inputs = _gates_inputs(shape, B, T, device, dtype)
+    ups = None
+
+    def run(split, residual):
+        nonlocal ups
+        outs = gates_step(split, residual, shape, inputs)
+        if ups is None:
+            ups = [torch.randn_like(o, dtype=torch.float32) for o in outs]
+        grads = torch.autograd.grad(sum((o.float() * g).sum() for o, g in zip(outs, ups)), inputs)
+        return [o.detach() for o in outs] + list(grads)
+
+    ref = run(gate_split_reference, gated_residual_reference)
+    got = run(*_gates_fused_pair())
+    names = ("out", "q", "k", "r", "d_mx", "d_scale", "d_shift", "d_y", "d_x")
+    errors = {name: rel_error(a, b) for name, a, b in zip(names, got, ref)}
+    return errors, all(e <= TOL_BF16["gates"] for e in errors.values())
+
+
+def gates_rows(shape: BlockShape, tokens: int, contexts: Iterable[int], device: torch.device, dtype=torch.bfloat16,
+               compile_reference: bool = False) -> list[dict]:
+    """Per context: both gate sites by PyTorch's eager ops ('reference'), under torch.compile when asked
+    ('reference_compiled') and by the Triton kernels ('triton'), forward and forward+backward, speed-up against
+    the eager reference (the roofline of the kernels' own traffic in `ideal_*`)."""
+    D, dz, E = shape.gate_sizes
+    timer, rows = Timer(device), []
+    for T in contexts:
+        B = max(1, tokens // T)
+        inputs = _gates_inputs(shape, B, T, device, dtype)
+        arms = {"reference": (gate_split_reference, gated_residual_reference), "triton": _gates_fused_pair()}
+        fns = {name: (lambda pair=pair: gates_step(*pair, shape, inputs)) for name, pair in arms.items()}
+        if compile_reference:
+            fns["reference_compiled"] = torch.compile(fns["reference"])
+        fb, bb = gates_cost(B * T, D, dz, E)
+        context_rows = []
+        for name, fn in fns.items():
+            row = dict(kernel="gates", arm=name, T=T, B=B, fwd_ms=timer(fn, *ARM_MS),
+                       fwd_bwd_ms=timer(lambda fn=fn: _fwd_bwd(fn), *ARM_MS))
+            if name == "triton":
+                row.update(ideal_fwd_ms=roofline_ms(fb, 0, BF16_FLOPS),
+                           ideal_fwd_bwd_ms=roofline_ms(fb + bb, 0, BF16_FLOPS))
+            context_rows.append(row)
+        for r in context_rows:
+            r["speedup_fwd_bwd_vs_reference"] = context_rows[0]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        rows += context_rows
+    return rows
+
+
+def gates_sweep(shape: BlockShape, tokens: int, T: int, device: torch.device, dtype=torch.bfloat16,
+                grid: Iterable[tuple] = GATES_SWEEP) -> list[dict]:
+    """Forward+backward of both Triton gate sites per (block_m, block_n, warps) in grid, fastest first; settings
+    that do not compile are logged and left out."""
+    B = max(1, tokens // T)
+    inputs = _gates_inputs(shape, B, T, device, dtype)
+    timer, rows = Timer(device), []
+    for bm, bn, warps in grid:
+        pair = _gates_fused_pair(dataclasses.replace(gates_fused.CONFIG, block_m=bm, block_n=bn, warps=warps))
+        try:
+            ms = timer(lambda: _fwd_bwd(lambda: gates_step(*pair, shape, inputs)), *SWEEP_MS)
+        except Exception as e:  # noqa: BLE001  (a setting that does not compile: report and go on)
+            log.warning("gates sweep block_m=%d block_n=%d warps=%d failed: %.80r", bm, bn, warps, e)
+            continue
+        rows.append(dict(kernel="gates_sweep", T=T, B=B, block_m=bm, block_n=bn, warps=warps, fwd_bwd_ms=ms))
+    return sorted(rows, key=lambda r: r["fwd_bwd_ms"])
+
+
 def update_rows(shape: BlockShape, layers: int, device: torch.device, tokens: int = 2048) -> list[dict]:
     """VectorQuantizer.apply_update for `layers` quantizers (one optimizer step, timed as forwards + updates minus
     forwards), split and batch re-seeding. On CUDA the update also runs once under
@@ -285,12 +402,15 @@ def device_name(device: torch.device) -> str:
 
 def run_kernel_bench(kernels: Iterable[str], tokens: int, contexts: list[int], device: torch.device, *,
                      dtype=torch.bfloat16, shape: BlockShape = BlockShape(),
-                     sweep: bool = False, sweep_grids: tuple = (EMA_SWEEP, QUANTIZE_SWEEP), top: int = 10,
-                     compile_fft: bool = False, update_layers: int = 12, update_tokens: int = 2048) -> dict:
+                     sweep: bool = False, sweep_grids: tuple = (EMA_SWEEP, QUANTIZE_SWEEP, GATES_SWEEP),
+                     top: int = 10,
+                     compile_fft: bool = False, compile_gates: bool = False, update_layers: int = 12,
+                     update_tokens: int = 2048) -> dict:
     """The whole benchmark: {"meta", "checks", "rows", "failed_checks"}.
 
     kernels: any of KERNELS. The checks and the sweeps (the `top` fastest settings of each grid) use the first
-    context; the EMA check at most 8192 tokens of it, two sequences."""
+    context; the EMA and gates checks at most 8192 tokens of it, two sequences. compile_fft / compile_gates: also
+    time the FFT path / the gates' reference under torch.compile."""
     kernels = set(kernels)
     unknown = kernels - set(KERNELS)
     if unknown:
@@ -308,12 +428,19 @@ def run_kernel_bench(kernels: Iterable[str], tokens: int, contexts: list[int], d
         rows += qrows
         if sweep:
             rows += quantize_sweep(shape, tokens, contexts[0], device, dtype, sweep_grids[1])[:top]
+    if "gates" in kernels:
+        checks["gates"], ok = gates_check(shape, min(contexts[0], 8192), 2, device, dtype)
+        failed += [] if ok else ["gates"]
+        rows += gates_rows(shape, tokens, contexts, device, dtype, compile_gates)
+        if sweep:
+            rows += gates_sweep(shape, tokens, contexts[0], device, dtype, sweep_grids[2])[:top]
     if "update" in kernels:
         rows += update_rows(shape, update_layers, device, update_tokens)
     meta = dict(device=device_name(device), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), tokens=tokens, dtype=str(dtype).replace("torch.", ""),
                 tolerances=TOL_BF16, ema_config=dataclasses.asdict(ema_scan_fused.CONFIG),
-                quantize_config=dataclasses.asdict(vq_quantize_fused.CONFIG))
+                quantize_config=dataclasses.asdict(vq_quantize_fused.CONFIG),
+                gates_config=dataclasses.asdict(gates_fused.CONFIG))
     return dict(meta=meta, checks=checks, rows=rows, failed_checks=failed)
 
 
@@ -324,6 +451,9 @@ def kernel_table(rows: list[dict]) -> list[str]:
         if r["kernel"] == "ema_sweep":
             arm = "c%d bd%d w%d u%d" % (r["chunk"], r["block_d"], r["warps"], r["unroll"])
             lines.append(f"{'ema_sweep':<16}{arm:<14}{r['T']:>8}{r['B']:>4}{'':>10}{r['fwd_bwd_ms']:>12.3f}")
+        elif r["kernel"] == "gates_sweep":
+            arm = "m%d n%d w%d" % (r["block_m"], r["block_n"], r["warps"])
+            lines.append(f"{'gates_sweep':<16}{arm:<14}{r['T']:>8}{r['B']:>4}{'':>10}{r['fwd_bwd_ms']:>12.3f}")
         elif r["kernel"] == "quantize_sweep":
             arm = "m%d s%d w%d st%d" % (r["block_m"], r["block_s"], r["warps"], r["stages"])
             lines.append(f"{'quantize_sweep':<16}{arm:<14}{r['T']:>8}{r['B']:>4}{r['fwd_ms']:>10.3f}")
@@ -339,6 +469,7 @@ def kernel_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-__all__ = ["BlockShape", "KERNELS", "TOL_BF16", "EMA_SWEEP", "QUANTIZE_SWEEP", "ARM_MS", "SWEEP_MS", "ema_cost",
-           "quantize_cost", "roofline_ms", "ema_scan_call", "ema_check", "ema_rows", "ema_sweep", "quantize_rows",
-           "quantize_sweep", "update_rows", "device_name", "run_kernel_bench", "kernel_table"]
+__all__ = ["BlockShape", "KERNELS", "TOL_BF16", "EMA_SWEEP", "QUANTIZE_SWEEP", "GATES_SWEEP", "ARM_MS", "SWEEP_MS",
+           "ema_cost", "quantize_cost", "gates_cost", "roofline_ms", "ema_scan_call", "ema_check", "ema_rows",
+           "ema_sweep", "quantize_rows", "quantize_sweep", "gates_check", "gates_rows", "gates_step", "gates_sweep",
+           "update_rows", "device_name", "run_kernel_bench", "kernel_table"]

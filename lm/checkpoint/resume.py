@@ -117,6 +117,7 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "model.longvq.attention_impl": (APPLY, "the same attention computed another way"),
     "model.longvq.ema_impl": (APPLY, "the same EMA computed another way"),
     "model.longvq.quantizer_impl": (APPLY, "the same quantizer computed another way"),
+    "model.longvq.gate_impl": (APPLY, "the same gates computed another way"),
     "model.longvq.chunk_size": (REFUSE, _SAME_FUNCTION), "model.longvq.codebook_size": (REFUSE, _SHAPE),
     "model.longvq.n_heads": (REFUSE, _SHAPE), "model.longvq.z_dim": (REFUSE, _SHAPE),
     "model.longvq.hidden_dim": (REFUSE, _SHAPE), "model.longvq.ema_dim": (REFUSE, _SHAPE),

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lm.config import ModelConfig
-from lm.model.common import RMSNorm, rms_normalize
+from lm.model.common import RMSNorm
 from lm.model.ema import MultiDimEMA
 from lm.model.quantizer import VectorQuantizer
 from lm.ops import vq_attention
+from lm.ops.gates import gate_split, gated_residual
 
 
 @dataclass
@@ -47,7 +48,7 @@ class LongVQMixer(nn.Module):
         self.n_heads, self.chunk_size = lv.n_heads, lv.chunk_size
         self.impl, self.normalize_keys, self.commit_beta = lv.attention_impl, lv.normalize_keys, lv.commit_beta
         self.key_norm, self.query_norm, self.local_raw_keys = lv.key_norm, lv.query_norm, lv.local_raw_keys
-        self.residual = lv.residual
+        self.residual, self.gate_impl = lv.residual, lv.gate_impl
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.v_proj = nn.Linear(D, self.hidden)
         self.ema = MultiDimEMA(D, lv.ema_dim, impl=lv.ema_impl)
@@ -91,18 +92,13 @@ class LongVQMixer(nn.Module):
         v = F.silu(self.v_proj(xn))
         ema_out, ema_state = self.ema(xn, None if state is None else state.ema, return_state, silu=True, sp=sp)  # SiLU(EMA)
         m = self.hidden_dropout(ema_out)
-        u, zr, hx = self.mx_proj(m).split([D, dz + E, D], dim=-1)
-        u = torch.sigmoid(u)
-        z, r = F.silu(zr).split([dz, E], dim=-1)
-        dt = v.dtype  # the activation dtype (bf16 under autocast): fp32 affine params must not promote q/k
-        q = (z * self.qk_scale[0] + self.qk_shift[0]).to(dt).view(B, T, H, dz // H)
-        k = (z * self.qk_scale[1] + self.qk_shift[1]).to(dt).view(B, T, H, dz // H)
-        if self.query_norm:
-            q = rms_normalize(q)
+        # u = sigmoid, z and r = SiLU, q and k the affine maps of z per head with their norms; hx a view of mx.
+        # q and k in the activation dtype (bf16 under autocast): fp32 affine params must not promote them
+        u, q, k, r, hx = gate_split(
+            self.mx_proj(m), self.qk_scale, self.qk_shift, sizes=(D, dz, E), heads=H, query_norm=self.query_norm,
+            key_norm=self.key_norm if self.normalize_keys else None, dtype=v.dtype, impl=self.gate_impl)
         if self.log_q_scale is not None:  # learned temperature per head
-            q = q * self.log_q_scale.exp().to(dt)[:, None]
-        if self.normalize_keys:  # center_rms = LayerNorm without gain: zero mean, unit RMS per head
-            k = F.layer_norm(k, (k.shape[-1],), eps=1e-6) if self.key_norm == "center_rms" else rms_normalize(k)
+            q = q * self.log_q_scale.exp().to(v.dtype)[:, None]
         k_hat, codes, commit, metrics = self.quantizer(k)
         keys = k if self.local_raw_keys else k_hat  # local attention keys; the cache always uses codewords
         attend = vq_attention if sp is None else sp.vq_attention
@@ -113,8 +109,9 @@ class LongVQMixer(nn.Module):
         if self.capture:  # lm.ops.vq_diagnostics.attention_mass_split(**self.captured, chunk_size=C)
             self.captured = dict(q=q.detach(), k_hat=keys.detach(), v=v.view(B, T, H, E // H).detach(), codes=codes,
                                  codebook=self.quantizer.codebook.to(q.dtype), bias=self.bias.detach())
-        h = F.silu(hx + self.h_proj(self.attention_dropout(attn.reshape(B, T, E)) * r))
-        h = self.dropout(h)
-        out = x + u * h if self.residual == "add" else x + u * (h - x)
+        y = self.h_proj(self.attention_dropout(attn.reshape(B, T, E)) * r)
+        # h = Dropout(SiLU(hx + y)); out = x + u * h (add) or x + u * (h - x) (gated)
+        out = gated_residual(hx, y, u, x, residual=self.residual, dropout=self.dropout.p if self.training else 0.0,
+                             impl=self.gate_impl)
         new_state = LongVQState(ema_state, attn_state) if return_state else None
         return out, new_state, self.commit_beta * commit, metrics

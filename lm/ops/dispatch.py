@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def load_fused(name: str) -> Optional[ModuleType]:
-    """The kernel module lm.ops.<name> (ema_scan_fused, vq_quantize_fused, vq_attention_fused, linear_ce_fused), or
+    """The kernel module lm.ops.<name> (ema_scan_fused, vq_quantize_fused, vq_attention_fused, linear_ce_fused,
+    gates_fused), or
     None when Triton is missing (CPU-only installs). Imported on first use; the imports are literal so that
     torch.compile traces them without a graph break."""
     try:
@@ -35,6 +36,8 @@ def load_fused(name: str) -> Optional[ModuleType]:
             from lm.ops import vq_attention_fused as fused
         elif name == "linear_ce_fused":
             from lm.ops import linear_ce_fused as fused
+        elif name == "gates_fused":
+            from lm.ops import gates_fused as fused
         else:
             raise ValueError(f"no fused kernel module lm.ops.{name}")
     except ImportError:

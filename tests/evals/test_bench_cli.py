@@ -8,7 +8,7 @@ from evals import bench_kernels, bench_vq_attention
 
 
 @pytest.mark.parametrize("cli, argv, message", [
-    (bench_kernels, ["--kernels", "ema,attention"], "--kernels 'attention': choose from ema, quantize, update"),
+    (bench_kernels, ["--kernels", "ema,attention"], "--kernels 'attention': choose from ema, quantize, gates, update"),
     (bench_kernels, ["--contexts", "8k"], "argument --contexts: '8k' is not a comma-separated list of integers"),
     (bench_kernels, ["--contexts", "8192,0"], "argument --contexts: '8192,0': every value must be >= 1"),
     (bench_kernels, ["--tokens", "0"], "--tokens must be >= 1"),

@@ -24,8 +24,8 @@ SHAPE = kb.BlockShape(D=16, N=4, H=2, d=16, S=16)
 @pytest.mark.triton_interpret
 def test_the_whole_benchmark_on_tiny_shapes():
     res = kb.run_kernel_bench(kb.KERNELS, 64, [32, 64], DEVICE, dtype=DTYPE, shape=SHAPE,
-                              sweep=True, sweep_grids=([(32, 16, 1, 4), (16, 16, 1, 2)], [(32, 16, 1, 1)]), top=1,
-                              update_layers=2, update_tokens=64)
+                              sweep=True, top=1, update_layers=2, update_tokens=64,
+                              sweep_grids=([(32, 16, 1, 4), (16, 16, 1, 2)], [(32, 16, 1, 1)], [(8, 16, 1), (16, 32, 2)]))
     assert res["failed_checks"] == [], res["checks"]
     assert res["checks"]["ema"]["out"] <= kb.TOL_BF16["ema_out"] and res["checks"]["quantize"]["codes_equal"] > 0.97
     assert res["meta"]["dtype"] == str(DTYPE).replace("torch.", "") and res["meta"]["tokens"] == 64
@@ -41,7 +41,11 @@ def test_the_whole_benchmark_on_tiny_shapes():
     assert [r["arm"] for r in by["quantize"]] == ["reference", "fused"]
     assert by["quantize"][1]["speedup_fwd_bwd_vs_reference"] == pytest.approx(
         by["quantize"][0]["fwd_bwd_ms"] / by["quantize"][1]["fwd_bwd_ms"])
-    assert len(by["ema_sweep"]) == 1 and len(by["quantize_sweep"]) == 1  # top=1 of each grid
+    assert len(by["ema_sweep"]) == 1 and len(by["quantize_sweep"]) == 1 and len(by["gates_sweep"]) == 1  # top=1
+    assert [(r["arm"], r["T"]) for r in by["gates"]] == [("reference", 32), ("triton", 32), ("reference", 64),
+                                                         ("triton", 64)]
+    assert res["checks"]["gates"]["d_mx"] <= kb.TOL_BF16["gates"] and by["gates"][1]["ideal_fwd_bwd_ms"] > 0
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in by["gates"])
     assert [r["arm"] for r in by["codebook_update"]] == ["split", "batch"]
     assert all(r["sync_free"] is (True if CUDA else None) for r in by["codebook_update"])
     json.dumps(res)  # the result is what the CLI writes
@@ -63,6 +67,19 @@ def test_a_wrong_kernel_fails_its_check(monkeypatch):
     monkeypatch.setattr(vq_quantize_fused, "vq_quantize_fused", shifted)
     _, checks, ok = kb.quantize_rows(SHAPE, 64, 32, DEVICE, DTYPE)
     assert not ok and checks["codes_equal"] < 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.triton_interpret
+def test_a_wrong_gate_kernel_fails_its_check(monkeypatch):
+    from lm.ops import gates_fused
+
+    real = gates_fused.gated_residual_triton
+    monkeypatch.setattr(gates_fused, "gated_residual_triton", lambda *a, **k: real(*a, **{**k, "residual": "gated"}))
+    errors, ok = kb.gates_check(SHAPE, 16, 2, DEVICE, DTYPE)  # the gated rule where the block asks for add
+    assert not ok and errors["out"] > 0.1
+    monkeypatch.undo()
+    assert kb.gates_check(SHAPE, 16, 2, DEVICE, DTYPE)[1]
 
 
 def test_cpu_timer_runs_its_budgets_with_at_least_one_call_each():

@@ -40,7 +40,8 @@ def test_unknown_names_and_choices_are_refused():
     check_impl("quantizer impl", "auto", ("reference", "auto"))
 
 
-@pytest.mark.parametrize("name", ["ema_scan_fused", "vq_quantize_fused", "vq_attention_fused", "linear_ce_fused"])
+@pytest.mark.parametrize("name", ["ema_scan_fused", "vq_quantize_fused", "vq_attention_fused", "linear_ce_fused",
+                                  "gates_fused"])
 def test_require_fused_returns_the_module(name):
     pytest.importorskip("triton")
     assert require_fused(name, "unused").__name__ == f"lm.ops.{name}"
