@@ -8,11 +8,11 @@ the same model (same weights, same codebooks), relative errors ||g_b - g_a|| / |
 parameter.
 
 `fast_vs_reference`: two copies of one model from the same seed, one on the fast path (bf16-mixed precision,
-every kernel chosen by `auto`: fused VQ attention, EMA scan, fused quantizer, fused linear cross-entropy with
-the recipe's loss chunking) and one on the reference path (`REFERENCE_OVERRIDES`: fp32 without TF32, the
-chunked PyTorch attention, the EMA by FFT, the PyTorch quantizer, full-logits cross-entropy), trained on the
-same batches through the trainer's step (lm.engine.TorchEngine + TrainLoop). It reports the gradients of the
-first batch at equal weights and the two loss curves. Pass criteria (`BF16_TOLERANCE`):
+uncompiled, every kernel chosen by `auto`: fused VQ attention, EMA scan, fused quantizer, fused gates, fused
+linear cross-entropy with the recipe's loss chunking) and one on the reference path (`REFERENCE_OVERRIDES`:
+fp32 without TF32, the chunked PyTorch attention, the EMA by FFT, the PyTorch quantizer and gates,
+full-logits cross-entropy), trained on the same batches through the trainer's step (lm.engine.TorchEngine +
+TrainLoop). It reports the gradients of the first batch at equal weights and the two loss curves. Pass criteria (`BF16_TOLERANCE`):
   * every step's loss within 1e-2 relative of the reference's;
   * the first batch's gradients: total relative error <= 3e-2, every parameter <= 1e-1 (bf16 activations
     carry 8 bits of mantissa, about 4e-3 relative per element, compounded over the layers).
@@ -33,7 +33,7 @@ BF16_TOLERANCE = {"loss_rel": 1e-2, "grad_total_rel": 3e-2, "grad_param_rel": 1e
 
 REFERENCE_OVERRIDES = ["train.precision=fp32", "train.tf32=false", "train.loss_impl=torch", "train.loss_chunk_tokens=0",
                        "train.compile=false", "model.longvq.attention_impl=chunked", "model.longvq.ema_impl=fft",
-                       "model.longvq.quantizer_impl=reference"]
+                       "model.longvq.quantizer_impl=reference", "model.longvq.gate_impl=reference"]
 FAST_OVERRIDES = ["train.precision=bf16-mixed", "train.tf32=false", "train.compile=false"]
 
 
