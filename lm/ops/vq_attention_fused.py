@@ -21,8 +21,9 @@ Design (FlashAttention-2 style, one online softmax per query over three parts):
     tile, folded with tl.gather and added atomically into one partial row per (b, h, chunk));
     kernel dk/dv (per key block: queries of the own chunk at or after the key and all queries of the
     next chunk, plus dSum gathered at the key's (chunk, code)), storing in the input dtype.
-With a state (pos % C == 0) the state's previous chunk is prepended to the keys/values (key offset
-KOFF = C) and the state's cache seeds the prefix sums; the new state is built exactly as the reference.
+With a state (pos % C == 0) the forward and dq kernels read the state's previous chunk in place, as
+separate (B, H, C, D) tensors, for chunk 0 (no copy of the keys/values; the dk/dv kernel reads only this
+call's keys), and the state's cache seeds the prefix sums; the new state is built exactly as the reference.
 When the incoming state carries autograd (sequence parallelism: it comes from the other ranks), its
 previous chunk's keys and values and its cached value sums get the reference's gradients, on the host
 side of the backward: the cache sums sum_r dUbar[r] / N[r] over every chunk (two chunks read before the
@@ -103,10 +104,32 @@ def _softmax_step(s, m_i, l_i, acc, vals, PREC: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, O, LSE,
-                s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-                T, KOFF, H, R, qk_scale,
-                HAS_BIAS: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+def _prev_chunk(K, V, PK, PV, b, h, r, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                s_pkb, s_pkt, s_pkh, s_pvb, s_pvt, s_pvh, HAS_PREV: tl.constexpr, C: tl.constexpr):
+    """Chunk r's previous chunk: (number of keys, key row-0 pointer, key row stride, value row-0 pointer, value
+    row stride). Rows (r - 1) * C.. of K/V for r >= 1; for r == 0 the state's chunk PK/PV (HAS_PREV) or none."""
+    kp_base = K + b * s_kb + h * s_kh + (r - 1) * C * s_kt
+    vp_base = V + b * s_vb + h * s_vh + (r - 1) * C * s_vt
+    kp_st = s_kt
+    vp_st = s_vt
+    if HAS_PREV:
+        n_prev = C
+        if r == 0:
+            kp_base = PK + b * s_pkb + h * s_pkh
+            vp_base = PV + b * s_pvb + h * s_pvh
+            kp_st = s_pkt
+            vp_st = s_pvt
+    else:
+        n_prev = tl.minimum(r * C, C)
+    return n_prev, kp_base, kp_st, vp_base, vp_st
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, PK, PV, CB, LOGN, UBAR, BIAS, O, LSE,
+                s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                s_pkb, s_pkt, s_pkh, s_pvb, s_pvt, s_pvh, s_ob, s_ot, s_oh,
+                T, H, R, qk_scale,
+                HAS_BIAS: tl.constexpr, HAS_PREV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                 DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 PREC: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -140,22 +163,23 @@ def _fwd_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, O, LSE,
         u = tl.load(u_base + (s0 + offs_n)[:, None] * DV + dv[None, :])
         m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, u, PREC)
 
-    # 2) previous chunk, exact; bias b[i + C - j] inside the window (distance <= C)
-    n_prev = tl.minimum(r * C + KOFF, C)
-    kp = KOFF + (r - 1) * C
+    # 2) previous chunk, exact; bias b[i + C - j] inside the window (distance <= C). Chunk r - 1 of K/V, or
+    # for r == 0 the state's previous chunk PK/PV (B, H, C, D) when there is one
+    n_prev, kp_base, kp_st, vp_base, vp_st = _prev_chunk(K, V, PK, PV, b, h, r, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                                                         s_pkb, s_pkt, s_pkh, s_pvb, s_pvt, s_pvh, HAS_PREV, C)
     for j0 in range(0, n_prev, BN):
         j = j0 + offs_n
-        k = tl.load(k_base + (kp + j)[:, None] * s_kt + dk[None, :])
+        k = tl.load(kp_base + j[:, None] * kp_st + dk[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if HAS_BIAS:
             base = mb * BM + C - j0
             if base - (BM - 1) <= C:  # some pair of the tile inside the window
                 s += _bias_at(BIAS, h, i_loc[:, None] + C - j[None, :], C)
-        vv = tl.load(v_base + (kp + j)[:, None] * s_vt + dv[None, :])
+        vv = tl.load(vp_base + j[:, None] * vp_st + dv[None, :])
         m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, vv, PREC)
 
     # 3) own chunk, causal; bias b[i - j]
-    ko = KOFF + r * C
+    ko = r * C
     hi = tl.minimum((mb + 1) * BM, T - r * C)
     for j0 in range(0, hi, BN):
         j = j0 + offs_n
@@ -196,10 +220,11 @@ def _accum_bias(ptr, ds, base, C: tl.constexpr, BL: tl.constexpr, GATHER: tl.con
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
-                   s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
-                   T, KOFF, H, R, qk_scale, sm_scale,
-                   HAS_BIAS: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+def _bwd_dq_kernel(Q, K, V, PK, PV, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
+                   s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                   s_pkb, s_pkt, s_pkh, s_pvb, s_pvt, s_pvh, s_db, s_dt, s_dh,
+                   T, H, R, qk_scale, sm_scale,
+                   HAS_BIAS: tl.constexpr, HAS_PREV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                    DK: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
                    GATHER: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -237,12 +262,12 @@ def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(c.dtype), c, input_precision=PREC)
 
-    n_prev = tl.minimum(r * C + KOFF, C)
-    kp = KOFF + (r - 1) * C
+    n_prev, kp_base, kp_st, vp_base, vp_st = _prev_chunk(K, V, PK, PV, b, h, r, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                                                         s_pkb, s_pkt, s_pkh, s_pvb, s_pvt, s_pvh, HAS_PREV, C)
     for j0 in range(0, n_prev, BL):
         j = j0 + offs_n
-        k = tl.load(k_base + (kp + j)[:, None] * s_kt + dk[None, :])
-        vv = tl.load(v_base + (kp + j)[:, None] * s_vt + dv[None, :])
+        k = tl.load(kp_base + j[:, None] * kp_st + dk[None, :])
+        vv = tl.load(vp_base + j[:, None] * vp_st + dv[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         d = i_loc[:, None] + C - j[None, :]
         win = d <= C
@@ -257,7 +282,7 @@ def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
             if j0 + BL > i0:
                 _accum_bias(db_ptr, tl.where(win, ds, 0.0), i0 + C - j0, C, BL, GATHER)
 
-    ko = KOFF + r * C
+    ko = r * C
     hi = tl.minimum(i0 + BL, T - r * C)
     for j0 in range(0, hi, BL):
         j = j0 + offs_n
@@ -285,7 +310,7 @@ def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
 def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, CODES, DSUM, DKo, DVo,
                      s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
                      s_cb, s_ct, s_ch, s_gkb, s_gkt, s_gkh, s_gvb, s_gvt, s_gvh,
-                     T, KOFF, H, R, qk_scale, sm_scale,
+                     T, H, R, qk_scale, sm_scale,
                      HAS_BIAS: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                      DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
                      PREC: tl.constexpr):
@@ -302,8 +327,8 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, CODES, DSUM, DKo, DVo,
     dk_ = tl.arange(0, DK)
     dv_ = tl.arange(0, DV)
     offs_m = tl.arange(0, BM)
-    k = tl.load(K + b * s_kb + h * s_kh + (KOFF + k_real)[:, None] * s_kt + dk_[None, :], mask=k_ok[:, None], other=0.0)
-    v = tl.load(V + b * s_vb + h * s_vh + (KOFF + k_real)[:, None] * s_vt + dv_[None, :], mask=k_ok[:, None], other=0.0)
+    k = tl.load(K + b * s_kb + h * s_kh + k_real[:, None] * s_kt + dk_[None, :], mask=k_ok[:, None], other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + k_real[:, None] * s_vt + dv_[None, :], mask=k_ok[:, None], other=0.0)
     gk = tl.zeros([BN, DK], tl.float32)
     gv = tl.zeros([BN, DV], tl.float32)
     q_base = Q + b * s_qb + h * s_qh
@@ -495,6 +520,18 @@ def _cache_tables_fp32(codes: Tensor, v: Tensor, state: Optional[VQAttentionStat
     return excl_cnt, excl_sum
 
 
+def _rows_contiguous(x: Tensor) -> Tensor:
+    """x itself when its last dimension is contiguous (the kernels' row loads), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _prev_strides(pk: Tensor, pv: Tensor, has_prev: bool):
+    """The kernels' (batch, row, head) strides of the previous chunk (B, H, C, D); zeros without one."""
+    if not has_prev:
+        return (0,) * 6
+    return pk.stride(0), pk.stride(2), pk.stride(1), pv.stride(0), pv.stride(2), pv.stride(1)
+
+
 def _grid_cfg(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -509,12 +546,11 @@ class _FusedVQAttention(torch.autograd.Function):
         Dv = v.shape[-1]
         R = logn.shape[1]
         Sp = cb.shape[1]
-        if prev_k is not None:
-            kx = torch.cat([prev_k.transpose(1, 2).to(q.dtype), k_hat], dim=1)
-            vx = torch.cat([prev_v.transpose(1, 2).to(v.dtype), v], dim=1)
-            koff = C
-        else:
-            kx, vx, koff = k_hat, v, 0
+        has_prev = prev_k is not None
+        if has_prev:  # read by the kernels in place, (B, H, C, D)
+            pk, pv = _rows_contiguous(prev_k.to(q.dtype)), _rows_contiguous(prev_v.to(v.dtype))
+        else:  # never read (HAS_PREV=False)
+            pk, pv = k_hat, v
         if bias is not None:
             with torch.no_grad():
                 bt = _bias_base2(bias.detach())
@@ -526,14 +562,16 @@ class _FusedVQAttention(torch.autograd.Function):
         bm = BLK
         grid = (R * (C // bm), B * H)
         _fwd_kernel[grid](
-            q, kx, vx, cb, logn, ubar, bt, out, lse,
-            q.stride(0), q.stride(1), q.stride(2), kx.stride(0), kx.stride(1), kx.stride(2),
-            vx.stride(0), vx.stride(1), vx.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            T, koff, H, R, scale * LOG2E,
-            HAS_BIAS=bias is not None, C=C, S=Sp, DK=Dk, DV=Dv, BM=bm, BN=BLK, PREC=prec,
+            q, k_hat, v, pk, pv, cb, logn, ubar, bt, out, lse,
+            q.stride(0), q.stride(1), q.stride(2), k_hat.stride(0), k_hat.stride(1), k_hat.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *_prev_strides(pk, pv, has_prev),
+            out.stride(0), out.stride(1), out.stride(2),
+            T, H, R, scale * LOG2E,
+            HAS_BIAS=bias is not None, HAS_PREV=has_prev, C=C, S=Sp, DK=Dk, DV=Dv, BM=bm, BN=BLK, PREC=prec,
             num_warps=cfg.fwd_warps, num_stages=cfg.stages)
-        ctx.save_for_backward(q, kx, vx, codes, cb, logn, ubar, cnt, bt, out, lse, prev_codes, bias)
-        ctx.meta = (C, scale, koff, bias is not None, bias.dtype if bias is not None else None, cfg)
+        ctx.save_for_backward(q, k_hat, v, pk if has_prev else None, pv if has_prev else None, codes, cb, logn,
+                              ubar, cnt, bt, out, lse, prev_codes, bias)
+        ctx.meta = (C, scale, bias is not None, bias.dtype if bias is not None else None, cfg)
         ctx.state_dtypes = (None if prev_k is None else prev_k.dtype, None if prev_v is None else prev_v.dtype,
                             None if cache_in is None else cache_in.dtype)
         ctx.cache_codes = None if cache_in is None else cache_in.shape[2]
@@ -541,11 +579,14 @@ class _FusedVQAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, kx, vx, codes, cb, logn, ubar, cnt, bt, out, lse, prev_codes, bias = ctx.saved_tensors
+        q, k_hat, v, pk, pv, codes, cb, logn, ubar, cnt, bt, out, lse, prev_codes, bias = ctx.saved_tensors
         want_prev_k, want_prev_v, want_cache = ctx.needs_input_grad[4:7]
-        C, scale, koff, has_bias, bias_dtype, cfg = ctx.meta
+        C, scale, has_bias, bias_dtype, cfg = ctx.meta
+        has_prev = pk is not None
+        if not has_prev:
+            pk, pv = k_hat, v
         B, T, H, Dk = q.shape
-        Dv = vx.shape[-1]
+        Dv = v.shape[-1]
         R, Sp = logn.shape[1], cb.shape[1]
         dev = q.device
         do = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
@@ -562,11 +603,12 @@ class _FusedVQAttention(torch.autograd.Function):
         dbias = torch.zeros(B, H, R, C + 1, dtype=torch.float32, device=dev) if has_bias else bt
         def launch_dq(gather):
             _bwd_dq_kernel[(R * (C // BLK), B * H)](
-                q, kx, vx, cb, logn, ubar, bt, do, lse, delta, dq, dbias,
-                q.stride(0), q.stride(1), q.stride(2), kx.stride(0), kx.stride(1), kx.stride(2),
-                vx.stride(0), vx.stride(1), vx.stride(2), do.stride(0), do.stride(1), do.stride(2),
-                T, koff, H, R, scale * LOG2E, scale,
-                HAS_BIAS=has_bias, C=C, S=Sp, DK=Dk, DV=Dv, BL=BLK, PREC=prec,
+                q, k_hat, v, pk, pv, cb, logn, ubar, bt, do, lse, delta, dq, dbias,
+                q.stride(0), q.stride(1), q.stride(2), k_hat.stride(0), k_hat.stride(1), k_hat.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), *_prev_strides(pk, pv, has_prev),
+                do.stride(0), do.stride(1), do.stride(2),
+                T, H, R, scale * LOG2E, scale,
+                HAS_BIAS=has_bias, HAS_PREV=has_prev, C=C, S=Sp, DK=Dk, DV=Dv, BL=BLK, PREC=prec,
                 GATHER=gather, num_warps=nw, num_stages=ns)
 
         mode = _BIAS_GRAD_MODES[cfg.bias_grad] if has_bias else 0
@@ -602,20 +644,20 @@ class _FusedVQAttention(torch.autograd.Function):
             if want_prev_v:  # the previous chunk's values entered the caches of chunks 1, 2, ...
                 g_prev_v = from_chunk1.view(B, H, Sp, Dv).gather(2, prev_codes[..., None].expand(-1, -1, -1, Dv))
         if want_prev_k or want_prev_v:
-            gk_w, gv_w = _previous_chunk_grads(q, kx[:, :C], vx[:, :C], do, lse, delta, bias, C, scale)
+            gk_w, gv_w = _previous_chunk_grads(q, pk, pv, do, lse, delta, bias, C, scale)
             g_prev_k = gk_w.to(ctx.state_dtypes[0]) if want_prev_k else None
             if want_prev_v:
                 g_prev_v = (gv_w + (g_prev_v if g_prev_v is not None else 0.0)).to(ctx.state_dtypes[1])
 
         gk = torch.empty(B, T, H, Dk, dtype=q.dtype, device=dev)
-        gv = torch.empty(B, T, H, Dv, dtype=vx.dtype, device=dev)
+        gv = torch.empty(B, T, H, Dv, dtype=v.dtype, device=dev)
         _bwd_dkdv_kernel[(R * (C // BLK), B * H)](
-            q, kx, vx, bt, do, lse, delta, codes, du, gk, gv,
-            q.stride(0), q.stride(1), q.stride(2), kx.stride(0), kx.stride(1), kx.stride(2),
-            vx.stride(0), vx.stride(1), vx.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            q, k_hat, v, bt, do, lse, delta, codes, du, gk, gv,
+            q.stride(0), q.stride(1), q.stride(2), k_hat.stride(0), k_hat.stride(1), k_hat.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             codes.stride(0), codes.stride(1), codes.stride(2),
             gk.stride(0), gk.stride(1), gk.stride(2), gv.stride(0), gv.stride(1), gv.stride(2),
-            T, koff, H, R, scale * LOG2E, scale,
+            T, H, R, scale * LOG2E, scale,
             HAS_BIAS=has_bias, C=C, S=Sp, DK=Dk, DV=Dv, BN=BLK, BM=BLK, PREC=prec,
             num_warps=nw, num_stages=ns)
 
@@ -626,12 +668,12 @@ class _FusedVQAttention(torch.autograd.Function):
 def _previous_chunk_grads(q, prev_k, prev_v, do, lse, delta, bias, C, scale):
     """Gradients of the previous chunk's keys and values (B, H, C, D) through the exact window: chunk 0's
     queries against the C previous keys, with the probabilities recomputed from the saved base-2 log-sum-exp
-    (fp32). prev_k, prev_v: (B, C, H, D) as prepended to the keys and values."""
+    (fp32). prev_k, prev_v: the state's previous chunk, (B, H, C, D)."""
     B, T, H, Dk = q.shape
     n = min(C, T)
     f = torch.float32
     q0 = q[:, :n].float().transpose(1, 2)  # (B, H, n, Dk)
-    kp, vp = prev_k.float().transpose(1, 2), prev_v.float().transpose(1, 2)  # (B, H, C, .)
+    kp, vp = prev_k.float(), prev_v.float()  # (B, H, C, .)
     do0 = do[:, :n].float().transpose(1, 2)
     s = (q0 @ kp.transpose(-1, -2)) * scale
     if bias is not None:
