@@ -27,9 +27,9 @@ separate (B, H, C, D) tensors, for chunk 0 (no copy of the keys/values; the dk/d
 call's keys), and the state's cache seeds the prefix sums; the new state is built exactly as the reference.
 When the incoming state carries autograd (sequence parallelism: it comes from the other ranks), its
 previous chunk's keys and values and its cached value sums get the reference's gradients, on the host
-side of the backward: the cache sums dSum[0] (every chunk), the previous chunk's values dSum[1] (chunks 1, 2,
-...) gathered at their codes, and the exact window (chunk 0's queries against the C previous keys) recomputed in torch from
-the saved log-sum-exp: O(C^2) per (b, h), nothing of size T.
+side of the backward: the cache sums dSum[0] (every chunk), the previous chunk's values dSum[1] (chunks
+1, 2, ...) gathered at their codes, and the exact window (chunk 0's queries against the C previous keys)
+recomputed in torch from the saved log-sum-exp: O(C^2) per (b, h), nothing of size T.
 
 Importing needs Triton (ImportError otherwise, the dispatcher falls back); it needs no GPU.
 """
