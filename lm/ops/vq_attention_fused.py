@@ -69,11 +69,15 @@ class KernelConfig:
     2 x BLK atomics per tile; atomic = one atomic per tile element; skip = none (timing breakdowns only: the
     bias gets a WRONG, zero gradient). A gather launch that fails to compile falls back to atomic for that
     call, with a warning."""
+    cache_block: int = 0
+    """Codes per program of the backward's cache kernel (16, 32 or 64), which walks every chunk for its code
+    block; 0 = auto: 64, halved (down to 16) while the grid has fewer than two programs per multiprocessor."""
 
 
 CONFIG = KernelConfig(bias_grad="gather" if hasattr(tl, "gather") else "atomic")
 """The settings every call uses unless it passes its own (gather where this Triton has tl.gather)."""
 _BIAS_GRAD_MODES = {"atomic": 0, "gather": 1, "skip": 2}  # the kernels' GATHER constexpr
+_CACHE_BLOCKS = (0, 16, 32, 64)
 
 
 def _bias_base2(bias: Tensor) -> Tensor:
@@ -519,6 +523,18 @@ def _prev_strides(pk: Tensor, pv: Tensor, has_prev: bool):
     return pk.stride(0), pk.stride(2), pk.stride(1), pv.stride(0), pv.stride(2), pv.stride(1)
 
 
+def _cache_block(setting: int, Sp: int, BH: int, device: torch.device) -> int:
+    """Codes per program of the cache kernel (see KernelConfig.cache_block)."""
+    if setting:
+        return setting
+    bs = BLK
+    if device.type == "cuda":
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+        while bs > 16 and (Sp // bs) * BH < 2 * n_sm:
+            bs //= 2
+    return bs
+
+
 def _grid_cfg(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -612,11 +628,12 @@ class _FusedVQAttention(torch.autograd.Function):
         # cache gradient first: dsum[:, r] = sum_{r' >= r} dUbar[r'] / N[r'] per code, which the dk/dv kernel
         # gathers at every key's code (chunk r's keys: entry r + 2)
         dsum = torch.empty(B * H, R, Sp, Dv, dtype=torch.float32, device=dev)
-        _bwd_cache_kernel[(Sp // BLK, B * H)](
+        bs = _cache_block(cfg.cache_block, Sp, B * H, dev)
+        _bwd_cache_kernel[(Sp // bs, B * H)](
             q, cb, logn, do, lse, dsum,
             q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
             T, H, R, scale * LOG2E,
-            C=C, S=Sp, DK=Dk, DV=Dv, BS=BLK, BM=BLK, PREC=prec, num_warps=nw, num_stages=ns)
+            C=C, S=Sp, DK=Dk, DV=Dv, BS=bs, BM=BLK, PREC=prec, num_warps=nw, num_stages=ns)
         g_prev_k = g_prev_v = g_cache = None
         if want_prev_v or want_cache:
             from_chunk1 = dsum[:, 1] if R >= 2 else torch.zeros_like(dsum[:, 0])  # sum_{r >= 1} dUbar[r] / N[r]
@@ -678,6 +695,8 @@ def fused_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codeb
     check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias)
     if config.bias_grad not in _BIAS_GRAD_MODES:
         raise ValueError(f"KernelConfig.bias_grad must be one of {tuple(_BIAS_GRAD_MODES)}, got {config.bias_grad!r}")
+    if config.cache_block not in _CACHE_BLOCKS:
+        raise ValueError(f"KernelConfig.cache_block must be one of {_CACHE_BLOCKS}, got {config.cache_block!r}")
     B, T, H, Dk = q.shape
     Dv, S, C = v.shape[-1], codebook.shape[1], chunk_size
     if state is not None and state.pos % C != 0:
