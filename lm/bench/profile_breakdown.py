@@ -13,7 +13,7 @@ import re
 from typing import Iterable
 
 CATEGORIES: list[tuple[str, str]] = [
-    ("VQ attention (fused kernels)", r"^_(fwd|bwd_dq|bwd_dkdv|bwd_dcache|bwd_delta|bwd_cache_suffix)_kernel"),
+    ("VQ attention (fused kernels)", r"^_(fwd|bwd_dq|bwd_dkdv|bwd_cache|bwd_dcache|bwd_delta|bwd_cache_suffix)_kernel"),
     ("EMA (scan kernels or FFT)", r"^_(chunk_state|state_pass|chunk_scan|bwd_chunk_fwd|bwd_state_pass|bwd_chunk_rev)_kernel"
                                   r"|fft"),
     ("quantizer", r"^_(quantize|commit_grad)_kernel"),

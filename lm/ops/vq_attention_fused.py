@@ -15,20 +15,21 @@ Design (FlashAttention-2 style, one online softmax per query over three parts):
     the bias by distance from its (C + 1)-vector per head (scaled to base 2 once on the host), which stays
     in L1: no (BLK x BLK) Toeplitz tiles;
   * backward, all in kernels (no fp32 copies of q/k/v-sized tensors in torch): delta = rowsum(dO * O);
-    kernel dcache (per chunk and code block: dUbar = p_cache^T dO), turned in place by a suffix-scan
-    kernel into the gradient of each chunk's value sums, dSum[r'] = sum_{r >= r'+2} dUbar[r] / max(N[r], 1);
+    kernel cache (per code block: one reverse pass over the chunks, dUbar[r] = p_cache^T dO of chunk r's
+    queries, kept as the suffix sum dSum[r'] = sum_{r >= r'} dUbar[r] / max(N[r], 1) in registers; dSum[r + 2]
+    is the gradient of chunk r's value sums);
     kernel dq (per query block: recompute p, dS; dq, and the bias gradient as diagonal sums of each dS
     tile, folded with tl.gather and added atomically into one partial row per (b, h, chunk));
     kernel dk/dv (per key block: queries of the own chunk at or after the key and all queries of the
-    next chunk, plus dSum gathered at the key's (chunk, code)), storing in the input dtype.
-With a state (pos % C == 0) the state's previous chunk is prepended to the keys/values (key offset
-KOFF = C) and the state's cache seeds the prefix sums; the new state is built exactly as the reference.
+    next chunk, plus dSum[r + 2] gathered at the key's code), storing in the input dtype.
+With a state (pos % C == 0) the forward and dq kernels read the state's previous chunk in place, as
+separate (B, H, C, D) tensors, for chunk 0 (no copy of the keys/values; the dk/dv kernel reads only this
+call's keys), and the state's cache seeds the prefix sums; the new state is built exactly as the reference.
 When the incoming state carries autograd (sequence parallelism: it comes from the other ranks), its
 previous chunk's keys and values and its cached value sums get the reference's gradients, on the host
-side of the backward: the cache sums sum_r dUbar[r] / N[r] over every chunk (two chunks read before the
-suffix kernel, the rest from its result), the previous chunk's values that sum from chunk 1 on gathered at
-their codes, and the exact window (chunk 0's queries against the C previous keys) recomputed in torch from
-the saved log-sum-exp: O(C^2) per (b, h), nothing of size T.
+side of the backward: the cache sums dSum[0] (every chunk), the previous chunk's values dSum[1] (chunks
+1, 2, ...) gathered at their codes, and the exact window (chunk 0's queries against the C previous keys)
+recomputed in torch from the saved log-sum-exp: O(C^2) per (b, h), nothing of size T.
 
 Importing needs Triton (ImportError otherwise, the dispatcher falls back); it needs no GPU.
 """
@@ -68,11 +69,15 @@ class KernelConfig:
     2 x BLK atomics per tile; atomic = one atomic per tile element; skip = none (timing breakdowns only: the
     bias gets a WRONG, zero gradient). A gather launch that fails to compile falls back to atomic for that
     call, with a warning."""
+    cache_block: int = 0
+    """Codes per program of the backward's cache kernel (16, 32 or 64), which walks every chunk for its code
+    block; 0 = auto: 64, halved (down to 16) while the grid has fewer than two programs per multiprocessor."""
 
 
 CONFIG = KernelConfig(bias_grad="gather" if hasattr(tl, "gather") else "atomic")
 """The settings every call uses unless it passes its own (gather where this Triton has tl.gather)."""
 _BIAS_GRAD_MODES = {"atomic": 0, "gather": 1, "skip": 2}  # the kernels' GATHER constexpr
+_CACHE_BLOCKS = (0, 16, 32, 64)
 
 
 def _bias_base2(bias: Tensor) -> Tensor:
@@ -103,10 +108,32 @@ def _softmax_step(s, m_i, l_i, acc, vals, PREC: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, O, LSE,
-                s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-                T, KOFF, H, R, qk_scale,
-                HAS_BIAS: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+def _prev_chunk(K, V, PK, PV, b, h, r, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                s_pkb, s_pkt, s_pkh, s_pvb, s_pvt, s_pvh, HAS_PREV: tl.constexpr, C: tl.constexpr):
+    """Chunk r's previous chunk: (number of keys, key row-0 pointer, key row stride, value row-0 pointer, value
+    row stride). Rows (r - 1) * C.. of K/V for r >= 1; for r == 0 the state's chunk PK/PV (HAS_PREV) or none."""
+    kp_base = K + b * s_kb + h * s_kh + (r - 1) * C * s_kt
+    vp_base = V + b * s_vb + h * s_vh + (r - 1) * C * s_vt
+    kp_st = s_kt
+    vp_st = s_vt
+    if HAS_PREV:
+        n_prev = C
+        if r == 0:
+            kp_base = PK + b * s_pkb + h * s_pkh
+            vp_base = PV + b * s_pvb + h * s_pvh
+            kp_st = s_pkt
+            vp_st = s_pvt
+    else:
+        n_prev = tl.minimum(r * C, C)
+    return n_prev, kp_base, kp_st, vp_base, vp_st
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, PK, PV, CB, LOGN, UBAR, BIAS, O, LSE,
+                s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                s_pkb, s_pkt, s_pkh, s_pvb, s_pvt, s_pvh, s_ob, s_ot, s_oh,
+                T, H, R, qk_scale,
+                HAS_BIAS: tl.constexpr, HAS_PREV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                 DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 PREC: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -140,22 +167,23 @@ def _fwd_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, O, LSE,
         u = tl.load(u_base + (s0 + offs_n)[:, None] * DV + dv[None, :])
         m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, u, PREC)
 
-    # 2) previous chunk, exact; bias b[i + C - j] inside the window (distance <= C)
-    n_prev = tl.minimum(r * C + KOFF, C)
-    kp = KOFF + (r - 1) * C
+    # 2) previous chunk, exact; bias b[i + C - j] inside the window (distance <= C). Chunk r - 1 of K/V, or
+    # for r == 0 the state's previous chunk PK/PV (B, H, C, D) when there is one
+    n_prev, kp_base, kp_st, vp_base, vp_st = _prev_chunk(K, V, PK, PV, b, h, r, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                                                         s_pkb, s_pkt, s_pkh, s_pvb, s_pvt, s_pvh, HAS_PREV, C)
     for j0 in range(0, n_prev, BN):
         j = j0 + offs_n
-        k = tl.load(k_base + (kp + j)[:, None] * s_kt + dk[None, :])
+        k = tl.load(kp_base + j[:, None] * kp_st + dk[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if HAS_BIAS:
             base = mb * BM + C - j0
             if base - (BM - 1) <= C:  # some pair of the tile inside the window
                 s += _bias_at(BIAS, h, i_loc[:, None] + C - j[None, :], C)
-        vv = tl.load(v_base + (kp + j)[:, None] * s_vt + dv[None, :])
+        vv = tl.load(vp_base + j[:, None] * vp_st + dv[None, :])
         m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, vv, PREC)
 
     # 3) own chunk, causal; bias b[i - j]
-    ko = KOFF + r * C
+    ko = r * C
     hi = tl.minimum((mb + 1) * BM, T - r * C)
     for j0 in range(0, hi, BN):
         j = j0 + offs_n
@@ -196,10 +224,11 @@ def _accum_bias(ptr, ds, base, C: tl.constexpr, BL: tl.constexpr, GATHER: tl.con
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
-                   s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
-                   T, KOFF, H, R, qk_scale, sm_scale,
-                   HAS_BIAS: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+def _bwd_dq_kernel(Q, K, V, PK, PV, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
+                   s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                   s_pkb, s_pkt, s_pkh, s_pvb, s_pvt, s_pvh, s_db, s_dt, s_dh,
+                   T, H, R, qk_scale, sm_scale,
+                   HAS_BIAS: tl.constexpr, HAS_PREV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                    DK: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
                    GATHER: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -237,12 +266,12 @@ def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(c.dtype), c, input_precision=PREC)
 
-    n_prev = tl.minimum(r * C + KOFF, C)
-    kp = KOFF + (r - 1) * C
+    n_prev, kp_base, kp_st, vp_base, vp_st = _prev_chunk(K, V, PK, PV, b, h, r, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                                                         s_pkb, s_pkt, s_pkh, s_pvb, s_pvt, s_pvh, HAS_PREV, C)
     for j0 in range(0, n_prev, BL):
         j = j0 + offs_n
-        k = tl.load(k_base + (kp + j)[:, None] * s_kt + dk[None, :])
-        vv = tl.load(v_base + (kp + j)[:, None] * s_vt + dv[None, :])
+        k = tl.load(kp_base + j[:, None] * kp_st + dk[None, :])
+        vv = tl.load(vp_base + j[:, None] * vp_st + dv[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         d = i_loc[:, None] + C - j[None, :]
         win = d <= C
@@ -257,7 +286,7 @@ def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
             if j0 + BL > i0:
                 _accum_bias(db_ptr, tl.where(win, ds, 0.0), i0 + C - j0, C, BL, GATHER)
 
-    ko = KOFF + r * C
+    ko = r * C
     hi = tl.minimum(i0 + BL, T - r * C)
     for j0 in range(0, hi, BL):
         j = j0 + offs_n
@@ -285,7 +314,7 @@ def _bwd_dq_kernel(Q, K, V, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DBIAS,
 def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, CODES, DSUM, DKo, DVo,
                      s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
                      s_cb, s_ct, s_ch, s_gkb, s_gkt, s_gkh, s_gvb, s_gvt, s_gvh,
-                     T, KOFF, H, R, qk_scale, sm_scale,
+                     T, H, R, qk_scale, sm_scale,
                      HAS_BIAS: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                      DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
                      PREC: tl.constexpr):
@@ -302,8 +331,8 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, CODES, DSUM, DKo, DVo,
     dk_ = tl.arange(0, DK)
     dv_ = tl.arange(0, DV)
     offs_m = tl.arange(0, BM)
-    k = tl.load(K + b * s_kb + h * s_kh + (KOFF + k_real)[:, None] * s_kt + dk_[None, :], mask=k_ok[:, None], other=0.0)
-    v = tl.load(V + b * s_vb + h * s_vh + (KOFF + k_real)[:, None] * s_vt + dv_[None, :], mask=k_ok[:, None], other=0.0)
+    k = tl.load(K + b * s_kb + h * s_kh + k_real[:, None] * s_kt + dk_[None, :], mask=k_ok[:, None], other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + k_real[:, None] * s_vt + dv_[None, :], mask=k_ok[:, None], other=0.0)
     gk = tl.zeros([BN, DK], tl.float32)
     gv = tl.zeros([BN, DV], tl.float32)
     q_base = Q + b * s_qb + h * s_qh
@@ -353,10 +382,11 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, CODES, DSUM, DKo, DVo,
         dsT = pT * (dpT - delta[None, :])
         gk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
 
-    # the cache path: each key's value also entered the per-code means of chunks r + 2, ...; DSUM holds
-    # that gradient per (chunk, code) (_bwd_cache_suffix_kernel), gathered here at the key's code
+    # the cache path: each key's value also entered the per-code means of chunks r + 2, ...; DSUM[r + 2] holds
+    # that gradient per code (_bwd_cache_kernel), gathered here at the key's code
     code = tl.load(CODES + b * s_cb + h * s_ch + k_real * s_ct, mask=k_ok, other=0)
-    gv += tl.load(DSUM + ((bh * R + r) * S + code)[:, None] * DV + dv_[None, :], mask=k_ok[:, None], other=0.0)
+    g_ok = k_ok & (k_real + 2 * C < R * C)  # chunk r + 2 exists
+    gv += tl.load(DSUM + ((bh * R + r + 2) * S + code)[:, None] * DV + dv_[None, :], mask=g_ok[:, None], other=0.0)
     gk = gk * sm_scale
     tl.store(DKo + b * s_gkb + h * s_gkh + k_real[:, None] * s_gkt + dk_[None, :], gk.to(DKo.dtype.element_ty),
              mask=k_ok[:, None])
@@ -365,39 +395,46 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, CODES, DSUM, DKo, DVo,
 
 
 @triton.jit
-def _bwd_dcache_kernel(Q, CB, LOGN, DO, LSE, DU,
-                       s_qb, s_qt, s_qh, s_db, s_dt, s_dh,
-                       T, H, R, qk_scale,
-                       C: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                       BS: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
+def _bwd_cache_kernel(Q, CB, LOGN, DO, LSE, DSUM,
+                      s_qb, s_qt, s_qh, s_db, s_dt, s_dh,
+                      T, H, R, qk_scale,
+                      C: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                      BS: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+    """DSUM[bh, r, s] = sum_{r' >= r} dUbar[r', s] / max(N[r', s], 1) for one (code block, bh), fp32.
+
+    One reverse pass over the chunks with the suffix sum in registers. dUbar[r] = p_cache[r]^T dO over chunk
+    r's queries, and p_cache / N = exp2(q.c * scale - lse) for a code with N > 0 (log N cancels), 0 otherwise;
+    so each chunk adds exp2(q.c * scale - lse)^T dO. Ubar[r] = Sum[r] / max(N[r], 1) with Sum[r] the value
+    sums of chunks <= r - 2 (plus the state's), so DSUM[r + 2] is the gradient of chunk r's value sums, DSUM[1]
+    that of the state's previous chunk and DSUM[0] that of the state's cache."""
+    sb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    NSB: tl.constexpr = S // BS
-    r = pid // NSB
-    sb = pid % NSB
     s_idx = sb * BS + tl.arange(0, BS)
     dk_ = tl.arange(0, DK)
     dv_ = tl.arange(0, DV)
     offs_m = tl.arange(0, BM)
     c = tl.load(CB + h * S * DK + s_idx[:, None] * DK + dk_[None, :])
-    ln = tl.load(LOGN + (bh * R + r) * S + s_idx)
-    gu = tl.zeros([BS, DV], tl.float32)
+    acc = tl.zeros([BS, DV], tl.float32)
     q_base = Q + b * s_qb + h * s_qh
     do_base = DO + b * s_db + h * s_dh
-    hi = tl.minimum(C, T - r * C)
-    if tl.max(ln, 0) > float("-inf"):  # chunks 0 and 1 (and empty code blocks) have no cache
-        for i0 in range(0, hi, BM):
-            q_pos = r * C + i0 + offs_m
-            q_ok = q_pos < T
-            q = tl.load(q_base + q_pos[:, None] * s_qt + dk_[None, :], mask=q_ok[:, None], other=0.0)
-            do = tl.load(do_base + q_pos[:, None] * s_dt + dv_[None, :], mask=q_ok[:, None], other=0.0)
-            lse = tl.load(LSE + bh * (R * C) + q_pos)
-            sT = tl.dot(c, tl.trans(q), input_precision=PREC) * qk_scale + ln[:, None]
-            pT = tl.where(q_ok[None, :], tl.exp2(sT - lse[None, :]), 0.0)
-            gu += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
-    tl.store(DU + ((bh * R + r) * S + s_idx)[:, None] * DV + dv_[None, :], gu)
+    for i in range(0, R):
+        r = R - 1 - i
+        ln = tl.load(LOGN + (bh * R + r) * S + s_idx)
+        if tl.max(ln, 0) > float("-inf"):  # chunks 0 and 1 without a state (and empty code blocks) have no cache
+            code_ok = ln > float("-inf")
+            hi = tl.minimum(C, T - r * C)
+            for i0 in range(0, hi, BM):
+                q_pos = r * C + i0 + offs_m
+                q_ok = q_pos < T
+                q = tl.load(q_base + q_pos[:, None] * s_qt + dk_[None, :], mask=q_ok[:, None], other=0.0)
+                do = tl.load(do_base + q_pos[:, None] * s_dt + dv_[None, :], mask=q_ok[:, None], other=0.0)
+                lse = tl.load(LSE + bh * (R * C) + q_pos)
+                sT = tl.dot(c, tl.trans(q), input_precision=PREC) * qk_scale
+                pT = tl.where(code_ok[:, None] & q_ok[None, :], tl.exp2(sT - lse[None, :]), 0.0)
+                acc += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+        tl.store(DSUM + ((bh * R + r) * S + s_idx)[:, None] * DV + dv_[None, :], acc)
 
 
 @triton.jit
@@ -414,27 +451,6 @@ def _bwd_delta_kernel(O, DO, DELTA, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, T, H, R,
     o = tl.load(O + b * s_ob + h * s_oh + t[:, None] * s_ot + dv[None, :], mask=ok[:, None], other=0.0)
     do = tl.load(DO + b * s_db + h * s_dh + t[:, None] * s_dt + dv[None, :], mask=ok[:, None], other=0.0)
     tl.store(DELTA + bh * (R * C) + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1))
-
-
-@triton.jit
-def _bwd_cache_suffix_kernel(DU, CNT, R, S: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr):
-    """In place, per (bh, element of the (S, DV) table): DU[r'] <- sum_{r >= r'+2} DU[r] / max(N[r], 1).
-
-    Ubar[r] = Sum[r] / max(N[r], 1) with Sum[r] the sum over chunks <= r - 2, so the gradient of chunk
-    r''s value sums is this lag-2 suffix sum; one sequential pass from the last chunk, exact in fp32."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    e = pid * BLOCK + tl.arange(0, BLOCK)
-    code = e // DV
-    acc = tl.zeros([BLOCK], tl.float32)
-    pending = tl.zeros([BLOCK], tl.float32)  # g[r' + 1]
-    for i in range(0, R):
-        rr = R - 1 - i
-        base = (bh * R + rr) * S
-        g = tl.load(DU + base * DV + e) / tl.maximum(tl.load(CNT + base + code), 1.0)
-        tl.store(DU + base * DV + e, acc)
-        acc += pending
-        pending = g
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,26 +510,48 @@ def _cache_tables_fp32(codes: Tensor, v: Tensor, state: Optional[VQAttentionStat
     return excl_cnt, excl_sum
 
 
+def _rows_contiguous(x: Tensor) -> Tensor:
+    """x itself when its last dimension is contiguous (the kernels' row loads), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _prev_strides(pk: Tensor, pv: Tensor, has_prev: bool):
+    """The kernels' (batch, row, head) strides of the previous chunk (B, H, C, D); zeros without one."""
+    if not has_prev:
+        return (0,) * 6
+    return pk.stride(0), pk.stride(2), pk.stride(1), pv.stride(0), pv.stride(2), pv.stride(1)
+
+
+def _cache_block(setting: int, Sp: int, BH: int, device: torch.device) -> int:
+    """Codes per program of the cache kernel (see KernelConfig.cache_block)."""
+    if setting:
+        return setting
+    bs = BLK
+    if device.type == "cuda":
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+        while bs > 16 and (Sp // bs) * BH < 2 * n_sm:
+            bs //= 2
+    return bs
+
+
 def _grid_cfg(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
 class _FusedVQAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k_hat, v, bias, prev_k, prev_v, cache_in, prev_codes, codes, cb, logn, ubar, cnt, C, scale,
-                cfg):
+    def forward(ctx, q, k_hat, v, bias, prev_k, prev_v, cache_in, prev_codes, codes, cb, logn, ubar, C, scale, cfg):
         """cache_in (B, H, S, Dv) and prev_codes (B, H, C): the incoming state's cache sums and previous
         codes, only to route gradients to the state (their values are already in logn / ubar)."""
         B, T, H, Dk = q.shape
         Dv = v.shape[-1]
         R = logn.shape[1]
         Sp = cb.shape[1]
-        if prev_k is not None:
-            kx = torch.cat([prev_k.transpose(1, 2).to(q.dtype), k_hat], dim=1)
-            vx = torch.cat([prev_v.transpose(1, 2).to(v.dtype), v], dim=1)
-            koff = C
-        else:
-            kx, vx, koff = k_hat, v, 0
+        has_prev = prev_k is not None
+        if has_prev:  # read by the kernels in place, (B, H, C, D)
+            pk, pv = _rows_contiguous(prev_k.to(q.dtype)), _rows_contiguous(prev_v.to(v.dtype))
+        else:  # never read (HAS_PREV=False)
+            pk, pv = k_hat, v
         if bias is not None:
             with torch.no_grad():
                 bt = _bias_base2(bias.detach())
@@ -525,14 +563,16 @@ class _FusedVQAttention(torch.autograd.Function):
         bm = BLK
         grid = (R * (C // bm), B * H)
         _fwd_kernel[grid](
-            q, kx, vx, cb, logn, ubar, bt, out, lse,
-            q.stride(0), q.stride(1), q.stride(2), kx.stride(0), kx.stride(1), kx.stride(2),
-            vx.stride(0), vx.stride(1), vx.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            T, koff, H, R, scale * LOG2E,
-            HAS_BIAS=bias is not None, C=C, S=Sp, DK=Dk, DV=Dv, BM=bm, BN=BLK, PREC=prec,
+            q, k_hat, v, pk, pv, cb, logn, ubar, bt, out, lse,
+            q.stride(0), q.stride(1), q.stride(2), k_hat.stride(0), k_hat.stride(1), k_hat.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *_prev_strides(pk, pv, has_prev),
+            out.stride(0), out.stride(1), out.stride(2),
+            T, H, R, scale * LOG2E,
+            HAS_BIAS=bias is not None, HAS_PREV=has_prev, C=C, S=Sp, DK=Dk, DV=Dv, BM=bm, BN=BLK, PREC=prec,
             num_warps=cfg.fwd_warps, num_stages=cfg.stages)
-        ctx.save_for_backward(q, kx, vx, codes, cb, logn, ubar, cnt, bt, out, lse, prev_codes, bias)
-        ctx.meta = (C, scale, koff, bias is not None, bias.dtype if bias is not None else None, cfg)
+        ctx.save_for_backward(q, k_hat, v, pk if has_prev else None, pv if has_prev else None, codes, cb, logn,
+                              ubar, bt, out, lse, prev_codes, bias)
+        ctx.meta = (C, scale, bias is not None, bias.dtype if bias is not None else None, cfg)
         ctx.state_dtypes = (None if prev_k is None else prev_k.dtype, None if prev_v is None else prev_v.dtype,
                             None if cache_in is None else cache_in.dtype)
         ctx.cache_codes = None if cache_in is None else cache_in.shape[2]
@@ -540,11 +580,14 @@ class _FusedVQAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, kx, vx, codes, cb, logn, ubar, cnt, bt, out, lse, prev_codes, bias = ctx.saved_tensors
+        q, k_hat, v, pk, pv, codes, cb, logn, ubar, bt, out, lse, prev_codes, bias = ctx.saved_tensors
         want_prev_k, want_prev_v, want_cache = ctx.needs_input_grad[4:7]
-        C, scale, koff, has_bias, bias_dtype, cfg = ctx.meta
+        C, scale, has_bias, bias_dtype, cfg = ctx.meta
+        has_prev = pk is not None
+        if not has_prev:
+            pk, pv = k_hat, v
         B, T, H, Dk = q.shape
-        Dv = vx.shape[-1]
+        Dv = v.shape[-1]
         R, Sp = logn.shape[1], cb.shape[1]
         dev = q.device
         do = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
@@ -561,11 +604,12 @@ class _FusedVQAttention(torch.autograd.Function):
         dbias = torch.zeros(B, H, R, C + 1, dtype=torch.float32, device=dev) if has_bias else bt
         def launch_dq(gather):
             _bwd_dq_kernel[(R * (C // BLK), B * H)](
-                q, kx, vx, cb, logn, ubar, bt, do, lse, delta, dq, dbias,
-                q.stride(0), q.stride(1), q.stride(2), kx.stride(0), kx.stride(1), kx.stride(2),
-                vx.stride(0), vx.stride(1), vx.stride(2), do.stride(0), do.stride(1), do.stride(2),
-                T, koff, H, R, scale * LOG2E, scale,
-                HAS_BIAS=has_bias, C=C, S=Sp, DK=Dk, DV=Dv, BL=BLK, PREC=prec,
+                q, k_hat, v, pk, pv, cb, logn, ubar, bt, do, lse, delta, dq, dbias,
+                q.stride(0), q.stride(1), q.stride(2), k_hat.stride(0), k_hat.stride(1), k_hat.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), *_prev_strides(pk, pv, has_prev),
+                do.stride(0), do.stride(1), do.stride(2),
+                T, H, R, scale * LOG2E, scale,
+                HAS_BIAS=has_bias, HAS_PREV=has_prev, C=C, S=Sp, DK=Dk, DV=Dv, BL=BLK, PREC=prec,
                 GATHER=gather, num_warps=nw, num_stages=ns)
 
         mode = _BIAS_GRAD_MODES[cfg.bias_grad] if has_bias else 0
@@ -580,57 +624,53 @@ class _FusedVQAttention(torch.autograd.Function):
         else:
             launch_dq(mode)
 
-        # cache gradient first (dUbar per chunk and code), turned in place into the gradient of each chunk's
-        # value sums, which the dk/dv kernel gathers at every key's code
-        du = torch.empty(B * H, R, Sp, Dv, dtype=torch.float32, device=dev)
-        _bwd_dcache_kernel[(R * (Sp // BLK), B * H)](
-            q, cb, logn, do, lse, du,
+        # cache gradient first: dsum[:, r] = sum_{r' >= r} dUbar[r'] / N[r'] per code, which the dk/dv kernel
+        # gathers at every key's code (chunk r's keys: entry r + 2)
+        dsum = torch.empty(B * H, R, Sp, Dv, dtype=torch.float32, device=dev)
+        bs = _cache_block(cfg.cache_block, Sp, B * H, dev)
+        _bwd_cache_kernel[(Sp // bs, B * H)](
+            q, cb, logn, do, lse, dsum,
             q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
             T, H, R, scale * LOG2E,
-            C=C, S=Sp, DK=Dk, DV=Dv, BS=BLK, BM=BLK, PREC=prec, num_warps=nw, num_stages=ns)
-        blk = 1024
-        if want_prev_v or want_cache:  # dUbar[r] / N[r] of chunks 0 and 1, before the suffix scan overwrites them
-            first = du[:, :2] / cnt[:, :2, :, None].clamp(min=1)
-        _bwd_cache_suffix_kernel[(Sp * Dv // blk, B * H)](du, cnt, R, S=Sp, DV=Dv, BLOCK=blk, num_warps=4)
+            C=C, S=Sp, DK=Dk, DV=Dv, BS=bs, BM=BLK, PREC=prec, num_warps=nw, num_stages=ns)
         g_prev_k = g_prev_v = g_cache = None
         if want_prev_v or want_cache:
-            from_chunk1 = du[:, 0] + (first[:, 1] if R >= 2 else 0.0)  # sum_{r >= 1} dUbar[r] / N[r]
+            from_chunk1 = dsum[:, 1] if R >= 2 else torch.zeros_like(dsum[:, 0])  # sum_{r >= 1} dUbar[r] / N[r]
             if want_cache:
-                g_cache = (from_chunk1 + first[:, 0]).view(B, H, Sp, Dv)[:, :, : ctx.cache_codes]
-                g_cache = g_cache.to(ctx.state_dtypes[2])
+                g_cache = dsum[:, 0].view(B, H, Sp, Dv)[:, :, : ctx.cache_codes].to(ctx.state_dtypes[2])
             if want_prev_v:  # the previous chunk's values entered the caches of chunks 1, 2, ...
                 g_prev_v = from_chunk1.view(B, H, Sp, Dv).gather(2, prev_codes[..., None].expand(-1, -1, -1, Dv))
         if want_prev_k or want_prev_v:
-            gk_w, gv_w = _previous_chunk_grads(q, kx[:, :C], vx[:, :C], do, lse, delta, bias, C, scale)
+            gk_w, gv_w = _previous_chunk_grads(q, pk, pv, do, lse, delta, bias, C, scale)
             g_prev_k = gk_w.to(ctx.state_dtypes[0]) if want_prev_k else None
             if want_prev_v:
                 g_prev_v = (gv_w + (g_prev_v if g_prev_v is not None else 0.0)).to(ctx.state_dtypes[1])
 
         gk = torch.empty(B, T, H, Dk, dtype=q.dtype, device=dev)
-        gv = torch.empty(B, T, H, Dv, dtype=vx.dtype, device=dev)
+        gv = torch.empty(B, T, H, Dv, dtype=v.dtype, device=dev)
         _bwd_dkdv_kernel[(R * (C // BLK), B * H)](
-            q, kx, vx, bt, do, lse, delta, codes, du, gk, gv,
-            q.stride(0), q.stride(1), q.stride(2), kx.stride(0), kx.stride(1), kx.stride(2),
-            vx.stride(0), vx.stride(1), vx.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            q, k_hat, v, bt, do, lse, delta, codes, dsum, gk, gv,
+            q.stride(0), q.stride(1), q.stride(2), k_hat.stride(0), k_hat.stride(1), k_hat.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             codes.stride(0), codes.stride(1), codes.stride(2),
             gk.stride(0), gk.stride(1), gk.stride(2), gv.stride(0), gv.stride(1), gv.stride(2),
-            T, koff, H, R, scale * LOG2E, scale,
+            T, H, R, scale * LOG2E, scale,
             HAS_BIAS=has_bias, C=C, S=Sp, DK=Dk, DV=Dv, BN=BLK, BM=BLK, PREC=prec,
             num_warps=nw, num_stages=ns)
 
         dbias_out = dbias.sum((0, 2)).to(bias_dtype) if has_bias else None
-        return (dq, gk, gv, dbias_out, g_prev_k, g_prev_v, g_cache) + (None,) * 9
+        return (dq, gk, gv, dbias_out, g_prev_k, g_prev_v, g_cache) + (None,) * 8
 
 
 def _previous_chunk_grads(q, prev_k, prev_v, do, lse, delta, bias, C, scale):
     """Gradients of the previous chunk's keys and values (B, H, C, D) through the exact window: chunk 0's
     queries against the C previous keys, with the probabilities recomputed from the saved base-2 log-sum-exp
-    (fp32). prev_k, prev_v: (B, C, H, D) as prepended to the keys and values."""
+    (fp32). prev_k, prev_v: the state's previous chunk, (B, H, C, D)."""
     B, T, H, Dk = q.shape
     n = min(C, T)
     f = torch.float32
     q0 = q[:, :n].float().transpose(1, 2)  # (B, H, n, Dk)
-    kp, vp = prev_k.float().transpose(1, 2), prev_v.float().transpose(1, 2)  # (B, H, C, .)
+    kp, vp = prev_k.float(), prev_v.float()  # (B, H, C, .)
     do0 = do[:, :n].float().transpose(1, 2)
     s = (q0 @ kp.transpose(-1, -2)) * scale
     if bias is not None:
@@ -654,6 +694,8 @@ def fused_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codeb
     check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias)
     if config.bias_grad not in _BIAS_GRAD_MODES:
         raise ValueError(f"KernelConfig.bias_grad must be one of {tuple(_BIAS_GRAD_MODES)}, got {config.bias_grad!r}")
+    if config.cache_block not in _CACHE_BLOCKS:
+        raise ValueError(f"KernelConfig.cache_block must be one of {_CACHE_BLOCKS}, got {config.cache_block!r}")
     B, T, H, Dk = q.shape
     Dv, S, C = v.shape[-1], codebook.shape[1], chunk_size
     if state is not None and state.pos % C != 0:
@@ -678,18 +720,16 @@ def fused_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codeb
         if Sp != S:  # pad the codebook with empty codes (log N = -inf)
             logn = F.pad(logn, (0, Sp - S), value=float("-inf"))
             ubar = F.pad(ubar, (0, 0, 0, Sp - S))
-            cnt = F.pad(cnt, (0, Sp - S))
             cb = F.pad(cb, (0, 0, 0, Sp - S))
         logn = logn.reshape(B * H, R, Sp).contiguous()
         ubar = ubar.reshape(B * H, R, Sp, Dv).contiguous()
-        cnt = cnt.reshape(B * H, R, Sp).contiguous()
         cb = cb.contiguous()
 
     has_prev = state is not None and state.prev_k is not None
     out = _apply_fused(
         q, k_hat, v, bias, state.prev_k if has_prev else None, state.prev_v if has_prev else None,
         state.cache_sum if state is not None else None, state.prev_codes if has_prev else None,
-        codes, cb, logn, ubar, cnt, C, scale, config)
+        codes, cb, logn, ubar, C, scale, config)
 
     new_state = None
     if return_state:

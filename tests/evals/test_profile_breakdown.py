@@ -8,6 +8,7 @@ from lm.bench.profile_breakdown import breakdown, breakdown_markdown, categorize
 @pytest.mark.parametrize("name, category", [
     ("_bwd_dq_kernel", "VQ attention (fused kernels)"),
     ("_fwd_kernel", "VQ attention (fused kernels)"),
+    ("_bwd_cache_kernel", "VQ attention (fused kernels)"),
     ("_bwd_chunk_rev_kernel", "EMA (scan kernels or FFT)"),
     ("void regular_fft_factor<unsigned int, float, 64>", "EMA (scan kernels or FFT)"),
     ("_quantize_kernel", "quantizer"),

@@ -184,10 +184,7 @@ def test_supports_and_fallback():
     assert rel(out, ref) <= 1e-4
 
 
-@pytest.mark.parametrize("T", [64, 2 * 64 + 5, 3 * 64], ids=["one_chunk", "partial", "three_chunks"])
-def test_gradients_flow_into_an_incoming_state(T):
-    """Sequence parallelism hands the kernel a state built from other ranks' tensors: its previous chunk's
-    keys and values and its cached value sums get the reference's gradients (exact window, cache means)."""
+def check_state_gradients(T, config=fz.CONFIG):
     B, H, Dk, Dv, S, C = 2, 2, 32, 16, 96, 64
     q, k_hat, v, codes, cb, bias = make_inputs(B, T, H, Dk, Dv, S, C, torch.float32, True, seed=11)
     g = torch.Generator(device=DEVICE).manual_seed(12)
@@ -198,7 +195,7 @@ def test_gradients_flow_into_an_incoming_state(T):
                   cache_sum=torch.randn(B, H, S, Dv, device=DEVICE, generator=g) * count[..., None])
     grad = torch.randn(B, T, H, Dv, device=DEVICE)
     results = []
-    for fn in (chunked_vq_attention, fz.fused_vq_attention):
+    for fn in (chunked_vq_attention, functools.partial(fz.fused_vq_attention, config=config)):
         leaves = {k: t.detach().clone().requires_grad_() for k, t in fields.items()}
         state = VQAttentionState(pos=5 * C, cur_k=q.new_zeros(B, H, 0, Dk), cur_v=v.new_zeros(B, H, 0, Dv),
                                  cur_codes=codes.new_zeros(B, H, 0), prev_codes=prev_codes, cache_count=count,
@@ -210,3 +207,24 @@ def test_gradients_flow_into_an_incoming_state(T):
         assert a is not None and torch.isfinite(a).all(), name
         err = rel(a, b)
         assert err <= TOL[torch.float32], f"{name}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("T", [64, 2 * 64 + 5, 3 * 64], ids=["one_chunk", "partial", "three_chunks"])
+def test_gradients_flow_into_an_incoming_state(T):
+    """Sequence parallelism hands the kernel a state built from other ranks' tensors: its previous chunk's
+    keys and values and its cached value sums get the reference's gradients (exact window, cache means)."""
+    check_state_gradients(T)
+
+
+@pytest.mark.parametrize("cache_block", [16, 32])
+def test_cache_gradient_with_smaller_code_blocks(cache_block):
+    """The backward's cache kernel with fewer codes per program (KernelConfig.cache_block; auto picks them when
+    the grid is small for the GPU) gives the reference's gradients, the state's included."""
+    check_state_gradients(4 * 64 + 7, dataclasses.replace(fz.CONFIG, cache_block=cache_block))
+
+
+def test_config_is_checked():
+    q, k_hat, v, codes, cb, bias = make_inputs(1, 64, 1, 16, 16, 64, 64, torch.float32, False)
+    with pytest.raises(ValueError, match="cache_block"):
+        fz.fused_vq_attention(q, k_hat, v, codes, cb, chunk_size=64,
+                              config=dataclasses.replace(fz.CONFIG, cache_block=8))
