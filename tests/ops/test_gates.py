@@ -108,7 +108,7 @@ def _run_mixer(fn, mixer, x, seed=0):
     xl = x.detach().clone().requires_grad_()
     torch.manual_seed(seed)  # dropout masks
     out, commit = fn(mixer, xl)
-    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1)).to(out.device)
     grads = torch.autograd.grad((out * g).sum() + commit, [xl] + list(mixer.parameters()), allow_unused=True)
     return [out.detach(), commit.detach()] + [t for t in grads if t is not None]
 
