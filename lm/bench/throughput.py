@@ -140,11 +140,12 @@ def train_row(cfg: RunConfig, context: int, *, tokens_per_step: int, engine: str
 
 @torch.no_grad()
 def decode_row(cfg: RunConfig, prompt_len: int, *, decode_tokens: int = 128, decode_warmup: int = 2, batch: int = 1,
-               prefill_chunk: int = 8192, device: Optional[torch.device] = None, cuda_graph: bool = True) -> dict:
+               prefill_chunk: int = 8192, device: Optional[torch.device] = None, cuda_graph: bool = True,
+               compile_step: bool = False) -> dict:
     """One decode row: prefill `prompt_len` tokens in pieces, then time greedy decoding through
     lm.engine.decoder.Decoder (fixed-shape state; on CUDA the step is a CUDA graph replay unless cuda_graph=False:
-    `decode_warmup` eager steps and the capture run untimed). `cuda_graph` in the row: whether the timed steps
-    were graph replays."""
+    `decode_warmup` eager steps and the capture run untimed; compile_step: the step through torch.compile).
+    `cuda_graph` in the row: whether the timed steps were graph replays."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     c = copy.deepcopy(cfg)
     c.train.compile = False  # decoding runs one token at a time; compiled training graphs do not apply
@@ -154,7 +155,8 @@ def decode_row(cfg: RunConfig, prompt_len: int, *, decode_tokens: int = 128, dec
     if precision == "bf16":
         model = model.to(torch.bfloat16)
     decoder = Decoder(model, autocast_dtype=torch.bfloat16 if precision == "bf16-mixed" else None,
-                      cuda_graph=cuda_graph, prefill_chunk=prefill_chunk, warmup_steps=decode_warmup)
+                      cuda_graph=cuda_graph, prefill_chunk=prefill_chunk, warmup_steps=decode_warmup,
+                      compile_step=compile_step)
     untimed = decoder.warmup_steps + 1  # eager warm-up steps, then the step that captures (and replays) the graph
     prompt = torch.randint(0, c.model.vocab_size, (batch, prompt_len), device=device)
 
@@ -180,7 +182,8 @@ def decode_row(cfg: RunConfig, prompt_len: int, *, decode_tokens: int = 128, dec
            "ms_per_token": 1000 * decode_s / max(decode_tokens, 1),
            "prefill_tokens_per_s": batch * prompt_len / max(prefill_s, 1e-12),
            "state_gib": tensor_bytes(decoder.state) / 2**30, "backend": backend_name(c, device, precision),
-           "peak_mem_gib": _peak_gib(device), "precision": precision, "cuda_graph": decoder.cuda_graph}
+           "peak_mem_gib": _peak_gib(device), "precision": precision, "cuda_graph": decoder.cuda_graph,
+           "compile_step": compile_step}
     if decoder.graph_failed:
         row["cuda_graph_error"] = decoder.graph_failed
     return row

@@ -128,7 +128,7 @@ def test_op_level_step_equals_chunked_attention_from_every_phase():
     previous chunk)."""
     torch.manual_seed(1)
     B, T, H, Dk, Dv, S = 2, 3 * C + 2, 2, 8, 6, 5
-    q, k = torch.randn(B, T, H, Dk, dtype=torch.float64), torch.randn(B, T, H, Dk, dtype=torch.float64)
+    q = torch.randn(B, T, H, Dk, dtype=torch.float64)
     v = torch.randn(B, T, H, Dv, dtype=torch.float64)
     codebook = torch.randn(H, S, Dk, dtype=torch.float64)
     codes = torch.randint(0, S, (B, T, H))
