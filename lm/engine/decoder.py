@@ -133,7 +133,7 @@ class Decoder:
             for s in range(0, T, self.prefill_chunk):
                 out = self.model(prompt[:, s:s + self.prefill_chunk], state=state, return_state=True)
                 state = out.state
-            last = out.logits[:, -1]
+            last = out.logits[:, -1].clone()  # not a view: the prompt's full logits are freed here
             del out
             self.state = self.model.static_state(state, T + max_new_tokens)
         del state

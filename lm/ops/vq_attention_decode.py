@@ -12,10 +12,12 @@ per call, every buffer here keeps its shape:
     cur_*        (B, H, C, .) the current chunk; slots >= n are masked out of the scores
     prev_*       (B, H, C, .) the previous complete chunk; masked out while pos < C
     cache_*      (B, H, S) / (B, H, S, Dv) per-code counts and value sums of every older chunk
+    cur_count, cur_sum, prev_count, prev_sum   the same per-code statistics of the current and previous chunk
 
-The step writes the new token into its slot with torch.where, attends, and when the slot was the chunk's last
-one it rolls the state with masks, not Python branches: the previous chunk's statistics join the cache (when
-there was a previous chunk) and the current chunk becomes the previous one. Nothing is read back to the host
+The step writes the new token into its slot with torch.where and adds it to the current chunk's statistics (an
+element-wise one-hot update, O(S Dv) per head), attends, and when the slot was the chunk's last one it rolls
+the state with masks, not Python branches: the previous chunk's statistics join the cache (when there was a
+previous chunk) and the current chunk, with its statistics, becomes the previous one. Nothing is read back to the host
 and no shape depends on a device value, so the step can be captured in a CUDA graph and replayed.
 """
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lm.ops.vq_attention_ref import (
@@ -49,6 +52,10 @@ class StaticVQAttentionState:
     prev_codes: Tensor  # (B, H, C) int64
     cache_count: Tensor  # (B, H, S) float32 (float64 for float64 values)
     cache_sum: Tensor  # (B, H, S, Dv)
+    cur_count: Tensor  # (B, H, S) statistics of the tokens in cur_* (slots < pos % C)
+    cur_sum: Tensor  # (B, H, S, Dv)
+    prev_count: Tensor  # (B, H, S) statistics of prev_* (zero while pos < C)
+    prev_sum: Tensor  # (B, H, S, Dv)
 
     @property
     def chunk_size(self) -> int:
@@ -81,8 +88,21 @@ class StaticVQAttentionState:
             prev_k, prev_v, prev_codes = state.prev_k.clone(), state.prev_v.clone(), state.prev_codes.clone()
         else:
             prev_k, prev_v, prev_codes = torch.zeros_like(cur_k), torch.zeros_like(cur_v), torch.zeros_like(cur_codes)
-        return cls(torch.tensor(state.pos, dtype=torch.long, device=dev), cur_k, cur_v, cur_codes,
-                   prev_k, prev_v, prev_codes, state.cache_count.clone(), state.cache_sum.clone())
+        return cls._with_chunk_stats(state.pos, cur_k, cur_v, cur_codes, prev_k, prev_v, prev_codes,
+                                     state.cache_count.clone(), state.cache_sum.clone(), C, S)
+
+    @classmethod
+    def _with_chunk_stats(cls, pos: int, cur_k, cur_v, cur_codes, prev_k, prev_v, prev_codes, cache_count, cache_sum,
+                          C: int, S: int):
+        """The state at position `pos`, with the per-code statistics of its current and previous chunks computed
+        from their slots."""
+        n, has_prev = pos % C, pos >= C
+        slots = torch.arange(C, device=cur_k.device)
+        cur_count, cur_sum = code_stats(cur_codes, cur_v, slots < n, S)
+        prev_count, prev_sum = code_stats(prev_codes, prev_v, (slots < C) & has_prev, S)
+        acc = cache_sum.dtype
+        return cls(torch.tensor(pos, dtype=torch.long, device=cur_k.device), cur_k, cur_v, cur_codes,
+                   prev_k, prev_v, prev_codes, cache_count, cache_sum, cur_count.to(acc), cur_sum.to(acc), prev_count.to(acc), prev_sum.to(acc))
 
     @classmethod
     def _from_dense(cls, state: DenseAttentionState, C: int, S: int) -> "StaticVQAttentionState":
@@ -104,8 +124,7 @@ class StaticVQAttentionState:
             prev_k, prev_v, prev_codes = torch.zeros_like(cur_k), torch.zeros_like(cur_v), torch.zeros_like(cur_codes)
         old = max(start - C, 0)  # positions before the previous chunk
         count, total = code_statistics(state.codes[:, :, :old].transpose(1, 2), state.v[:, :, :old].transpose(1, 2), S)
-        return cls(torch.tensor(P, dtype=torch.long, device=dev), cur_k, cur_v, cur_codes, prev_k, prev_v, prev_codes,
-                   count, total)
+        return cls._with_chunk_stats(P, cur_k, cur_v, cur_codes, prev_k, prev_v, prev_codes, count, total, C, S)
 
     def to_state(self) -> VQAttentionState:
         """The equivalent `VQAttentionState` (copies; one host read of `pos`)."""
@@ -163,12 +182,20 @@ def vq_attention_decode_step(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor,
     u_bar = state.cache_sum.to(acc) / cnt.clamp(min=1)[..., None]
     out = (out + (p_cache @ u_bar).to(out.dtype)).transpose(1, 2)  # (B, 1, H, Dv)
 
+    # The new token's statistics: one-hot of its code (B, H, S), times its value for the sums.
+    with torch.autocast(dev.type, enabled=False):
+        hot = F.one_hot(codes[:, 0], S).to(state.cur_count.dtype)  # (B, H, S)
+        cur_count = state.cur_count + hot
+        cur_sum = state.cur_sum + hot[..., None] * v[:, 0, :, None, :].to(state.cur_sum.dtype)
     # Roll when the chunk is now full: the previous chunk (if any) joins the cache, the current becomes previous.
     full = n == C - 1
-    joins = full & has_prev
-    c0, s0 = code_stats(state.prev_codes, state.prev_v, joins.expand(C), S)
-    state.cache_count.add_(c0.to(state.cache_count.dtype))
-    state.cache_sum.add_(s0.to(state.cache_sum.dtype))
+    joins = (full & has_prev).to(state.cache_count.dtype)
+    state.cache_count.add_(state.prev_count * joins)
+    state.cache_sum.add_(state.prev_sum * joins)
+    state.prev_count.copy_(torch.where(full, cur_count, state.prev_count))
+    state.prev_sum.copy_(torch.where(full, cur_sum, state.prev_sum))
+    state.cur_count.copy_(cur_count.masked_fill(full, 0.0))
+    state.cur_sum.copy_(cur_sum.masked_fill(full, 0.0))
     state.prev_k.copy_(torch.where(full, cur_k, state.prev_k))
     state.prev_v.copy_(torch.where(full, cur_v, state.prev_v))
     state.prev_codes.copy_(torch.where(full, cur_codes, state.prev_codes))

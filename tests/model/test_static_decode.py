@@ -10,7 +10,7 @@ from lm.config import LongVQConfig, ModelConfig
 from lm.model import build_model
 from lm.model.transformer import StaticKVCache
 from lm.ops.vq_attention_decode import StaticVQAttentionState, vq_attention_decode_step
-from lm.ops.vq_attention_ref import chunked_vq_attention
+from lm.ops.vq_attention_ref import chunked_vq_attention, code_stats
 from tests.tolerances import assert_close
 
 C = 4  # chunk size: 19 tokens cross 4 chunk boundaries
@@ -84,6 +84,12 @@ def test_static_step_equals_growing_state_step_token_by_token(local_raw_keys):
                 for name in ("cur_codes", "prev_codes"):
                     a, b = getattr(back, name), getattr(d.attn, name)
                     assert (a is None and b is None) or torch.equal(a, b), f"{name} at {t}"
+                # the running per-code statistics of the two chunks match their slots
+                slots = torch.arange(C)
+                for which, valid in (("cur", slots < (t + 1) % C), ("prev", (slots < C) & (t + 1 >= C))):
+                    count, total = code_stats(getattr(s.attn, f"{which}_codes"), getattr(s.attn, f"{which}_v"), valid, 8)
+                    assert_close(getattr(s.attn, f"{which}_count"), count, torch.float64, msg=f"{which} count at {t}")
+                    assert_close(getattr(s.attn, f"{which}_sum"), total, torch.float64, msg=f"{which} sums at {t}")
     assert int(static[0].attn.cache_count.sum()) == 2 * 2 * (tokens.shape[1] // C - 1) * C  # B H tokens cached
 
 
