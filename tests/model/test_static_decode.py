@@ -8,7 +8,7 @@ import torch
 
 from lm.config import LongVQConfig, ModelConfig
 from lm.model import build_model
-from lm.model.transformer import StaticKVCache
+from lm.model.transformer import KV_BLOCK, StaticKVCache, masked_decode_attention
 from lm.ops.vq_attention_decode import StaticVQAttentionState, vq_attention_decode_step
 from lm.ops.vq_attention_ref import chunked_vq_attention, code_stats
 from tests.tolerances import assert_close
@@ -105,7 +105,7 @@ def test_transformer_static_cache_equals_growing_cache():
             model.decode_step(tokens[:, t:t + 1], static)
     for d, s in zip(dyn, static):
         back = s.to_cache()
-        assert back.pos == d.pos == tokens.shape[1] and s.capacity == 16
+        assert back.pos == d.pos == tokens.shape[1] and s.capacity == KV_BLOCK  # 16 rounded up to a block
         assert_close(back.k, d.k, torch.float64, msg="keys")
         assert_close(back.v, d.v, torch.float64, msg="values")
     with pytest.raises(ValueError, match="capacity"):
@@ -150,3 +150,15 @@ def test_op_level_step_equals_chunked_attention_from_every_phase():
         assert_close(torch.cat(outs, dim=1), full[:, P:], torch.float64, msg=f"prefill {P}")
     with pytest.raises(ValueError, match="one token"):
         vq_attention_decode_step(q[:, :2], k_hat[:, :2], v[:, :2], codes[:, :2], codebook, static, bias=bias)
+
+
+def test_masked_decode_attention_equals_sdpa_over_several_blocks():
+    """The blockwise value sum over a cache of 3 blocks, filled up to a position inside the third, equals SDPA over
+    the filled positions."""
+    torch.manual_seed(2)
+    B, H, hd, L, P = 2, 3, 8, 3 * KV_BLOCK, 2 * KV_BLOCK + 37
+    q = torch.randn(B, H, 1, hd, dtype=torch.float64)
+    k, v = torch.randn(B, H, L, hd, dtype=torch.float64), torch.randn(B, H, L, hd, dtype=torch.float64)
+    keep = torch.arange(L) < P
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :P], v[:, :, :P])
+    assert_close(masked_decode_attention(q, k, v, keep), ref, torch.float64, msg="blockwise decode attention")
