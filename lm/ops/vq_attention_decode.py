@@ -14,11 +14,12 @@ per call, every buffer here keeps its shape:
     cache_*      (B, H, S) / (B, H, S, Dv) per-code counts and value sums of every older chunk
     cur_count, cur_sum, prev_count, prev_sum   the same per-code statistics of the current and previous chunk
 
-The step writes the new token into its slot with torch.where and adds it to the current chunk's statistics (an
-element-wise one-hot update, O(S Dv) per head), attends, and when the slot was the chunk's last one it rolls
-the state with masks, not Python branches: the previous chunk's statistics join the cache (when there was a
-previous chunk) and the current chunk, with its statistics, becomes the previous one. Nothing is read back to the host
-and no shape depends on a device value, so the step can be captured in a CUDA graph and replayed.
+The step writes the new token into its slot (index_copy_ at the device index), adds it to the current chunk's
+statistics (an element-wise one-hot update, O(S Dv) per head) and attends; when the slot was the chunk's last
+one it rolls the state with masks, not Python branches: the previous chunk's statistics join the cache (when
+there was a previous chunk) and the current chunk, with its statistics, becomes the previous one. Nothing is
+read back to the host and no shape depends on a device value, so the step can be captured in a CUDA graph and
+replayed.
 """
 
 from __future__ import annotations
@@ -157,10 +158,11 @@ def vq_attention_decode_step(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor,
     neg_inf = float("-inf")
     n = state.pos % C  # () slot of the new token in its chunk
     slots = torch.arange(C, device=dev)
-    here = slots == n  # (C,)
-    cur_k = torch.where(here[:, None], k_hat.transpose(1, 2).to(state.cur_k.dtype), state.cur_k)  # (B, H, C, Dk)
-    cur_v = torch.where(here[:, None], v.transpose(1, 2).to(state.cur_v.dtype), state.cur_v)
-    cur_codes = torch.where(here, codes.transpose(1, 2), state.cur_codes)  # (B, H, C)
+    slot = n.reshape(1)  # the new token's key, value and code go to slot n (written in place: one slot)
+    state.cur_k.index_copy_(2, slot, k_hat.transpose(1, 2).to(state.cur_k.dtype))
+    state.cur_v.index_copy_(2, slot, v.transpose(1, 2).to(state.cur_v.dtype))
+    state.cur_codes.index_copy_(2, slot, codes.transpose(1, 2))
+    cur_k, cur_v, cur_codes = state.cur_k, state.cur_v, state.cur_codes  # (B, H, C, Dk), (B, H, C, Dv), (B, H, C)
     has_prev = state.pos >= C  # () the token's chunk has a previous chunk
 
     qh = q.transpose(1, 2)  # (B, H, 1, Dk)
@@ -199,9 +201,6 @@ def vq_attention_decode_step(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor,
     state.prev_k.copy_(torch.where(full, cur_k, state.prev_k))
     state.prev_v.copy_(torch.where(full, cur_v, state.prev_v))
     state.prev_codes.copy_(torch.where(full, cur_codes, state.prev_codes))
-    state.cur_k.copy_(cur_k)
-    state.cur_v.copy_(cur_v)
-    state.cur_codes.copy_(cur_codes)
     state.pos.add_(1)
     return out
 
