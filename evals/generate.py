@@ -1,17 +1,20 @@
 """Sample text from a checkpoint, carrying the model state from token to token.
 
     python -m evals.generate --checkpoint RUN_DIR_OR_CKPT --prompt "text" --max-new-tokens N
-        [--temperature T] [--top-k K] [--seed S] [--device auto] [--precision auto|fp32|bf16]
+        [--temperature T] [--top-k K] [--seed S] [--device auto] [--precision auto|fp32|bf16] [--eager]
 
 The prompt is encoded with the checkpoint's tokenizer (`data.tokenizer`: "byte" = UTF-8 bytes, vocab
-256; otherwise the path of a sentencepiece model, read through `lm.data.tokenizer`). It is run through
-the model in one parallel forward with `return_state=True` (prefill), then tokens are drawn one at a
-time, each step feeding only the newest token and the carried state:
+256; otherwise the path of a sentencepiece model, read through `lm.data.tokenizer`). Decoding is
+lm.engine.decoder.Decoder: the prompt runs through the model's parallel forward with `return_state=True`
+(prefill), then tokens are drawn one at a time, each step feeding only the newest token and the carried
+state, held in fixed-shape buffers so that on CUDA the step is captured once in a CUDA graph and replayed
+(--eager: no graph):
   LongVQ       the state is the EMA hidden state plus the VQ attention cache (current chunk, previous
                chunk, per-code counts and value sums): constant memory however long the text grows.
-  Transformer  the state is a KV cache that grows by one position per token.
-Temperature 0 is greedy decoding (argmax). The text goes to stdout; prefill and decode speed (and the
-peak GPU memory on CUDA) go to stderr.
+  Transformer  the state is a KV cache of prompt + new tokens positions, filled one position per token.
+Temperature 0 is greedy decoding (argmax); otherwise a Gumbel-max draw from softmax(logits / T) over the
+top-k tokens, reproducible with --seed. The text goes to stdout; prefill and decode speed (and the peak GPU
+memory on CUDA) go to stderr.
 """
 
 from __future__ import annotations
@@ -20,37 +23,15 @@ import argparse
 import contextlib
 import math
 import sys
-import time
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from evals.common import load_for_eval, pick_device
+from lm.engine.decoder import Decoder, sample_next
 
-
-# --------------------------------------------------------------------------------------------
-# Sampling
-# --------------------------------------------------------------------------------------------
-
-
-def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                generator: Optional[torch.Generator] = None) -> Tensor:
-    """Next token ids (B,) from last-position logits (B, V). temperature 0 means argmax; top_k keeps the
-    k most likely tokens (None: all). ValueError for a negative or non-finite temperature or top_k < 1."""
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (None = the whole vocabulary), got {top_k}")
-    logits = logits.float()
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+__all__ = ["generate", "greedy", "sample_next", "load_tokenizer", "main"]
 
 
 def _as_batch(prompt_ids: Union[Tensor, Sequence[int]], device) -> tuple[Tensor, bool]:
@@ -65,12 +46,13 @@ def _as_batch(prompt_ids: Union[Tensor, Sequence[int]], device) -> tuple[Tensor,
 
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, timings: Optional[dict] = None) -> Tensor:
+             generator: Optional[torch.Generator] = None, timings: Optional[dict] = None,
+             cuda_graph: bool = True) -> Tensor:
     """Prompt followed by `max_new_tokens` sampled ids, shaped like `prompt_ids` ((T,) or (B, T)).
 
-    One parallel forward over the prompt (return_state=True), then one forward of a single token per
-    new token with the carried state. `timings`, if given, receives prefill_s / decode_s (synchronised
-    on CUDA) and the token counts."""
+    lm.engine.decoder.Decoder: a parallel prefill, then one token per step over a fixed-shape state (CUDA-graph
+    replayed on CUDA unless cuda_graph=False), under the caller's autocast dtype if autocast is on. `timings`,
+    if given, receives prefill_s / decode_s (synchronised on CUDA), the token counts and `cuda_graph`."""
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
     device = next(model.parameters()).device
@@ -78,27 +60,11 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
     vocab = model.cfg.vocab_size if hasattr(model, "cfg") else None
     if vocab is not None and int(ids.max()) >= vocab:
         raise ValueError(f"prompt has token id {int(ids.max())} but the model's vocabulary is {vocab}")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    out = model(ids, return_state=True)
-    state, last = out.state, out.logits[:, -1]
-    new = []
-    sync()
-    t1 = time.perf_counter()
-    for i in range(max_new_tokens):
-        nxt = sample_next(last, temperature, top_k, generator)
-        new.append(nxt)
-        if i + 1 == max_new_tokens:
-            break  # the logits after the final token are never used
-        out = model(nxt[:, None], state=state, return_state=True)
-        state, last = out.state, out.logits[:, -1]
-    sync()
-    t2 = time.perf_counter()
-    if timings is not None:
-        timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, prompt_tokens=ids.shape[1],
-                       new_tokens=max_new_tokens, batch=ids.shape[0])
-    result = torch.cat([ids] + [t[:, None] for t in new], dim=1)
+    dev = device.type
+    amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    decoder = Decoder(model, temperature=temperature, top_k=top_k, generator=generator, autocast_dtype=amp,
+                      cuda_graph=cuda_graph)
+    result = decoder.generate(ids, max_new_tokens, timings)
     return result[0] if squeeze else result
 
 
@@ -152,6 +118,7 @@ def parse_args(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--eager", action="store_true", help="decode without capturing the step in a CUDA graph")
     p.add_argument("--untrained", action="store_true", help="sample a freshly initialised model of the same config")
     args = p.parse_args(argv)
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -180,7 +147,8 @@ def run(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     timings: dict = {}
     with autocast:
-        out = generate(model, torch.tensor(ids), args.max_new_tokens, args.temperature, args.top_k, gen, timings)
+        out = generate(model, torch.tensor(ids), args.max_new_tokens, args.temperature, args.top_k, gen, timings,
+                       cuda_graph=not args.eager)
     new_ids = out[len(ids):].tolist()
     result = {
         "checkpoint": ckpt, "arch": cfg.model.arch, "device": str(device),
@@ -189,6 +157,7 @@ def run(args) -> dict:
         "prefill_tokens_per_s": len(ids) / max(timings["prefill_s"], 1e-9),
         "decode_tokens_per_s": len(new_ids) / max(timings["decode_s"], 1e-9),
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "cuda_graph": timings["cuda_graph"],
     }
     return result
 
@@ -203,7 +172,8 @@ def main(argv=None) -> int:
     print(r["text"])
     mem = f", peak memory {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else ""
     print(f"[{r['arch']} on {r['device']}: prompt {r['prompt_tokens']} tokens at {r['prefill_tokens_per_s']:.1f} tok/s, "
-          f"{r['new_tokens']} new tokens at {r['decode_tokens_per_s']:.1f} tok/s{mem}]", file=sys.stderr)
+          f"{r['new_tokens']} new tokens at {r['decode_tokens_per_s']:.1f} tok/s"
+          f"{' (CUDA graph)' if r['cuda_graph'] else ''}{mem}]", file=sys.stderr)
     return 0
 
 

@@ -2,7 +2,7 @@
 
     python -m evals.throughput [--recipe launch/configs/longvq_125m.yaml --recipe launch/configs/transformer_125m.yaml]
         [key=value ...] [--engine deepspeed|torch] [--contexts 2048 ... 131072] [--tokens-per-step 65536]
-        [--decode-prompts 4096 65536] [--decode-tokens 128] [--attn-backends cudnn flash] [--profile-context 8192]
+        [--decode-prompts 4096 65536] [--decode-tokens 128] [--decode-eager] [--decode-compile] [--attn-backends cudnn flash] [--profile-context 8192]
         [--steps 5] [--warmup 2] [--out-dir runs/bench] [--tag NAME] [--peak-flops 989e12]
 
 Each recipe is an ordinary training recipe (launch/configs/); `key=value` overrides apply to every recipe,
@@ -57,6 +57,9 @@ def parse_args(argv):
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--decode-warmup", type=int, default=2)
     p.add_argument("--decode-batch", type=int, default=1)
+    p.add_argument("--decode-eager", action="store_true",
+                   help="decode without capturing the step in a CUDA graph (the launch-bound comparison)")
+    p.add_argument("--decode-compile", action="store_true", help="decode step through torch.compile (fewer kernels)")
     p.add_argument("--prefill-chunk", type=int, default=8192, help="prompt tokens per prefill forward")
     p.add_argument("--profile-context", type=int, default=None, help="also profile one training step per recipe")
     p.add_argument("--steps", type=int, default=5)
@@ -115,7 +118,8 @@ def run_benchmark(args) -> list[dict]:
                                       steps=args.steps, warmup=args.warmup, device=device)
         else:
             fn = lambda: tp.decode_row(cfg, context, decode_tokens=args.decode_tokens, decode_warmup=args.decode_warmup,  # noqa: E731
-                                       batch=args.decode_batch, prefill_chunk=args.prefill_chunk, device=device)
+                                       batch=args.decode_batch, prefill_chunk=args.prefill_chunk, device=device,
+                                       cuda_graph=not args.decode_eager, compile_step=args.decode_compile)
         res = tp.measure(fn, device, compiled=cfg.train.compile, raise_errors=args.raise_errors)
         res.setdefault("backend", cfg.model.longvq.attention_impl if arch == "longvq" else cfg.model.transformer.attn_backend)
         row = {"arch": arch, "context": context, "mode": mode, **res, "params": params[arch], **base,

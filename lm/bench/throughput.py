@@ -9,7 +9,9 @@ forward, chunked or full LM head + CE, commitment loss, backward, the one loss a
 update, clipping and the AdamW update.
 
 A decode row prefills a random prompt in pieces carrying the model state (LongVQ: EMA state + VQ cache,
-constant memory; Transformer: KV cache), then times greedy decoding one token per forward.
+constant memory; Transformer: KV cache), then times greedy decoding one token per step through
+lm.engine.decoder.Decoder: a fixed-shape state, the step captured in a CUDA graph and replayed on CUDA
+(`cuda_graph` in the row says whether the timed steps were replays).
 
 FLOPs and MFU follow lm.metrics.flops_per_token (one declared formula per arch, FLOPS_FORMULA). Rows that
 run out of memory are recorded with "error": "OOM"; other failures with their message.
@@ -32,6 +34,7 @@ import torch
 from lm.config import ConfigError, RunConfig
 from lm.bench.profile_breakdown import breakdown, breakdown_markdown, device_kernels
 from lm.engine import RandomTokens, TrainLoop, build_engine, prepare_model, resolve_precision
+from lm.engine.decoder import Decoder
 from lm.metrics import FLOPS_FORMULA, PEAK_BF16_FLOPS, flops_per_token, head_dims
 from lm.ops import sdpa
 from lm.ops.vq_attention import resolve_impl
@@ -137,8 +140,12 @@ def train_row(cfg: RunConfig, context: int, *, tokens_per_step: int, engine: str
 
 @torch.no_grad()
 def decode_row(cfg: RunConfig, prompt_len: int, *, decode_tokens: int = 128, decode_warmup: int = 2, batch: int = 1,
-               prefill_chunk: int = 8192, device: Optional[torch.device] = None) -> dict:
-    """One decode row: prefill `prompt_len` tokens in pieces, then time greedy decoding."""
+               prefill_chunk: int = 8192, device: Optional[torch.device] = None, cuda_graph: bool = True,
+               compile_step: bool = False) -> dict:
+    """One decode row: prefill `prompt_len` tokens in pieces, then time greedy decoding through
+    lm.engine.decoder.Decoder (fixed-shape state; on CUDA the step is a CUDA graph replay unless cuda_graph=False:
+    `decode_warmup` eager steps and the capture run untimed; compile_step: the step through torch.compile).
+    `cuda_graph` in the row: whether the timed steps were graph replays."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     c = copy.deepcopy(cfg)
     c.train.compile = False  # decoding runs one token at a time; compiled training graphs do not apply
@@ -147,40 +154,39 @@ def decode_row(cfg: RunConfig, prompt_len: int, *, decode_tokens: int = 128, dec
     model = prepare_model(c).to(device).eval()
     if precision == "bf16":
         model = model.to(torch.bfloat16)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
-                else torch.autocast(device.type, enabled=False))
+    decoder = Decoder(model, autocast_dtype=torch.bfloat16 if precision == "bf16-mixed" else None,
+                      cuda_graph=cuda_graph, prefill_chunk=prefill_chunk, warmup_steps=decode_warmup,
+                      compile_step=compile_step)
+    untimed = decoder.warmup_steps + 1  # eager warm-up steps, then the step that captures (and replays) the graph
     prompt = torch.randint(0, c.model.vocab_size, (batch, prompt_len), device=device)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    with autocast:
-        sync()
-        t0 = time.perf_counter()
-        state, out = None, None
-        for s in range(0, prompt_len, prefill_chunk):
-            out = model(prompt[:, s:s + prefill_chunk], state=state, return_state=True)
-            state = out.state
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        sync()
-        prefill_s = time.perf_counter() - t0
-        for _ in range(decode_warmup):
-            out = model(nxt, state=state, return_state=True)
-            state, nxt = out.state, out.logits[:, -1].argmax(-1, keepdim=True)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(decode_tokens):
-            out = model(nxt, state=state, return_state=True)
-            state, nxt = out.state, out.logits[:, -1].argmax(-1, keepdim=True)
-        sync()
-        decode_s = time.perf_counter() - t0
-    return {"batch": batch, "decode_tokens": decode_tokens, "decode_s": decode_s,
-            "tokens_per_s": batch * decode_tokens / max(decode_s, 1e-12),
-            "ms_per_token": 1000 * decode_s / max(decode_tokens, 1),
-            "prefill_tokens_per_s": batch * prompt_len / max(prefill_s, 1e-12),
-            "state_gib": tensor_bytes(state) / 2**30, "backend": backend_name(c, device, precision),
-            "peak_mem_gib": _peak_gib(device), "precision": precision}
+    sync()
+    t0 = time.perf_counter()
+    decoder.start(prompt, 1 + untimed + decode_tokens)
+    sync()
+    prefill_s = time.perf_counter() - t0
+    for _ in range(untimed):
+        decoder.step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(decode_tokens):
+        decoder.step()
+    sync()
+    decode_s = time.perf_counter() - t0
+    row = {"batch": batch, "decode_tokens": decode_tokens, "decode_s": decode_s,
+           "tokens_per_s": batch * decode_tokens / max(decode_s, 1e-12),
+           "ms_per_token": 1000 * decode_s / max(decode_tokens, 1),
+           "prefill_tokens_per_s": batch * prompt_len / max(prefill_s, 1e-12),
+           "state_gib": tensor_bytes(decoder.state) / 2**30, "backend": backend_name(c, device, precision),
+           "peak_mem_gib": _peak_gib(device), "precision": precision, "cuda_graph": decoder.cuda_graph,
+           "compile_step": compile_step}
+    if decoder.graph_failed:
+        row["cuda_graph_error"] = decoder.graph_failed
+    return row
 
 
 def tensor_bytes(obj) -> int:

@@ -101,6 +101,21 @@ class LanguageModel(nn.Module):
                     else logits_cross_entropy(logits, targets))
         return ModelOutput(logits, aux, new_states if return_state else None, metrics, loss)
 
+    def static_state(self, state: list, capacity: int) -> list:
+        """Per-layer fixed-shape decoding states (for `decode_step`) holding the state a forward with
+        return_state=True returned; `capacity`: the most positions the sequence will reach (the Transformer's
+        cache length; LongVQ's state does not depend on it)."""
+        return [block.mixer.static_state(s, capacity) for block, s in zip(self.blocks, state)]
+
+    def decode_step(self, tokens: Tensor, state: list) -> Tensor:
+        """Logits (B, V) after one new token per sequence, tokens (B, 1), with the per-layer static states of
+        `static_state`, updated in place. No host synchronisation and no shape that depends on the position:
+        the step can be captured in a CUDA graph (lm.engine.decoder). Equals forward() with a carried state."""
+        x = self.embed(tokens)
+        for block, s in zip(self.blocks, state):
+            x = block.ffn(block.mixer.decode_step(x, s))
+        return self.head(self.norm(x))[:, -1]
+
     def quantizers(self) -> list[VectorQuantizer]:
         return [vq for _, vq in self.named_quantizers()]
 

@@ -30,12 +30,24 @@ from lm.model.ema import MultiDimEMA
 from lm.model.quantizer import VectorQuantizer
 from lm.ops import vq_attention
 from lm.ops.gates import gate_split, gated_residual
+from lm.ops.vq_attention_decode import StaticVQAttentionState, vq_attention_decode_step
 
 
 @dataclass
 class LongVQState:
     ema: Tensor  # (B, D, N) float32
     attn: object  # VQAttentionState (chunked/fused) or DenseAttentionState (dense)
+
+
+@dataclass
+class StaticLongVQState:
+    """Fixed-shape decoding state (LongVQMixer.decode_step updates it in place)."""
+
+    ema: Tensor  # (B, D, N) float32
+    attn: StaticVQAttentionState
+
+    def tensors(self) -> list[Tensor]:
+        return [self.ema] + self.attn.tensors()
 
 
 class LongVQMixer(nn.Module):
@@ -84,13 +96,46 @@ class LongVQMixer(nn.Module):
     def forward(self, x: Tensor, state: Optional[LongVQState] = None, return_state: bool = False, sp=None):
         """sp: sequence-parallel context (lm/parallel/sequence.py) when x is one segment of a sequence split
         over ranks; the EMA state and the attention state of the tokens before it come through it."""
-        B, T, D = x.shape
-        H, E, dz = self.n_heads, self.hidden, self.z_dim
         if sp is not None and state is not None:
             raise ValueError("a carried state and a sequence-parallel context cannot be combined")
+        a = self._attention_inputs(x, None if state is None else state.ema, return_state, sp)
+        attend = vq_attention if sp is None else sp.vq_attention
+        kwargs = {} if sp is not None else {"state": None if state is None else state.attn}
+        attn, attn_state = attend(
+            a.q, a.keys, a.v, a.codes, a.codebook, chunk_size=self.chunk_size, bias=self.bias,
+            return_state=return_state, impl=self.impl, **kwargs)
+        if self.capture:  # lm.ops.vq_diagnostics.attention_mass_split(**self.captured, chunk_size=C)
+            self.captured = dict(q=a.q.detach(), k_hat=a.keys.detach(), v=a.v.detach(), codes=a.codes,
+                                 codebook=a.codebook, bias=self.bias.detach())
+        out = self._output(x, attn, a)
+        new_state = LongVQState(a.ema_state, attn_state) if return_state else None
+        return out, new_state, self.commit_beta * a.commit, a.metrics
+
+    def static_state(self, state: LongVQState, capacity: int = 0) -> StaticLongVQState:
+        """The fixed-shape decoding state holding a prefill's state (`capacity` is not needed: the state's size
+        does not depend on the length)."""
+        attn = StaticVQAttentionState.from_state(state.attn, chunk_size=self.chunk_size,
+                                                 codebook_size=self.quantizer.codebook_size)
+        return StaticLongVQState(state.ema.clone(), attn)
+
+    def decode_step(self, x: Tensor, state: StaticLongVQState) -> Tensor:
+        """forward() for one new token x (B, 1, D) with a fixed-shape state, updated in place (see
+        lm/ops/vq_attention_decode.py: no host read, no shape that depends on the position, so the step can be
+        captured in a CUDA graph). Returns the mixer output (B, 1, D)."""
+        if x.shape[1] != 1:
+            raise ValueError(f"decode_step takes one token per call, got {x.shape[1]}")
+        a = self._attention_inputs(x, state.ema, True, None)
+        state.ema.copy_(a.ema_state)
+        attn = vq_attention_decode_step(a.q, a.keys, a.v, a.codes, a.codebook, state.attn, bias=self.bias)
+        return self._output(x, attn, a)
+
+    def _attention_inputs(self, x: Tensor, ema_state: Optional[Tensor], return_state: bool, sp) -> "_AttentionInputs":
+        """Everything before the attention: norm, value branch, EMA, gates, q/k, quantizer."""
+        B, T, D = x.shape
+        H, E, dz = self.n_heads, self.hidden, self.z_dim
         xn = self.norm(x)
         v = F.silu(self.v_proj(xn))
-        ema_out, ema_state = self.ema(xn, None if state is None else state.ema, return_state, silu=True, sp=sp)  # SiLU(EMA)
+        ema_out, ema_state = self.ema(xn, ema_state, return_state, silu=True, sp=sp)  # SiLU(EMA)
         m = self.hidden_dropout(ema_out)
         # u = sigmoid, z and r = SiLU, q and k the affine maps of z per head with their norms; hx a view of mx.
         # q and k in the activation dtype (bf16 under autocast): fp32 affine params must not promote them
@@ -101,17 +146,28 @@ class LongVQMixer(nn.Module):
             q = q * self.log_q_scale.exp().to(v.dtype)[:, None]
         k_hat, codes, commit, metrics = self.quantizer(k)
         keys = k if self.local_raw_keys else k_hat  # local attention keys; the cache always uses codewords
-        attend = vq_attention if sp is None else sp.vq_attention
-        kwargs = {} if sp is not None else {"state": None if state is None else state.attn}
-        attn, attn_state = attend(
-            q, keys, v.view(B, T, H, E // H), codes, self.quantizer.codebook.to(q.dtype),
-            chunk_size=self.chunk_size, bias=self.bias, return_state=return_state, impl=self.impl, **kwargs)
-        if self.capture:  # lm.ops.vq_diagnostics.attention_mass_split(**self.captured, chunk_size=C)
-            self.captured = dict(q=q.detach(), k_hat=keys.detach(), v=v.view(B, T, H, E // H).detach(), codes=codes,
-                                 codebook=self.quantizer.codebook.to(q.dtype), bias=self.bias.detach())
-        y = self.h_proj(self.attention_dropout(attn.reshape(B, T, E)) * r)
+        return _AttentionInputs(q, keys, v.view(B, T, H, E // H), codes, self.quantizer.codebook.to(q.dtype), u, r,
+                                hx, ema_state, commit, metrics)
+
+    def _output(self, x: Tensor, attn: Tensor, a: "_AttentionInputs") -> Tensor:
+        """Everything after the attention: output projection, gates, residual."""
+        B, T, D = x.shape
+        y = self.h_proj(self.attention_dropout(attn.reshape(B, T, self.hidden)) * a.r)
         # h = Dropout(SiLU(hx + y)); out = x + u * h (add) or x + u * (h - x) (gated)
-        out = gated_residual(hx, y, u, x, residual=self.residual, dropout=self.dropout.p if self.training else 0.0,
-                             impl=self.gate_impl)
-        new_state = LongVQState(ema_state, attn_state) if return_state else None
-        return out, new_state, self.commit_beta * commit, metrics
+        return gated_residual(a.hx, y, a.u, x, residual=self.residual, dropout=self.dropout.p if self.training else 0.0,
+                              impl=self.gate_impl)
+
+
+@dataclass
+class _AttentionInputs:
+    q: Tensor  # (B, T, H, dk)
+    keys: Tensor  # local attention keys (quantized, or raw with local_raw_keys)
+    v: Tensor  # (B, T, H, E / H)
+    codes: Tensor  # (B, T, H)
+    codebook: Tensor  # (H, S, dk) in q's dtype
+    u: Tensor
+    r: Tensor
+    hx: Tensor
+    ema_state: Optional[Tensor]
+    commit: Tensor
+    metrics: dict

@@ -149,3 +149,14 @@ def test_cli_reports_errors(tmp_path, capsys):
     assert gen.main(["--checkpoint", str(tmp_path / "run"), "--prompt", "", "--max-new-tokens", "2"]) == 2
     assert "prompt" in capsys.readouterr().err
     assert gen.main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+
+
+def test_cli_eager_flag_gives_the_same_text(tmp_path, capsys):
+    """--eager (no CUDA graph) decodes the same tokens; on CPU both run the same eager step."""
+    _write_checkpoint(tmp_path / "run", "longvq", steps=1)
+    argv = ["--checkpoint", str(tmp_path / "run"), "--prompt", "abc", "--max-new-tokens", "6", "--temperature", "0",
+            "--device", "cpu"]
+    assert gen.main(argv) == 0
+    first = capsys.readouterr().out
+    assert gen.main(argv + ["--eager"]) == 0
+    assert capsys.readouterr().out == first
