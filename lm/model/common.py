@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -35,8 +37,9 @@ class FeedForward(nn.Module):
         self.w_out = nn.Linear(hidden, dim, bias=False)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.w_in(self.norm(x))
+    def forward(self, x: Tensor, normed: Optional[Tensor] = None) -> Tensor:
+        """normed: self.norm(x) when the caller already has it (a kernel that fused it into x's producer)."""
+        h = self.w_in(self.norm(x) if normed is None else normed)
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up

@@ -48,6 +48,9 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.mixer.ffn_kind, cfg.norm_eps, cfg.dropout)
 
     def forward(self, x: Tensor, state=None, return_state: bool = False, sp=None):
+        if getattr(self.mixer, "fuses_next_norm", False) and self.ffn.norm.weight is not None:
+            (x, normed), state, aux, metrics = self.mixer(x, state, return_state, sp=sp, norm=self.ffn.norm)
+            return self.ffn(x, normed), state, aux, metrics
         x, state, aux, metrics = self.mixer(x, state, return_state, sp=sp)
         return self.ffn(x), state, aux, metrics
 

@@ -29,7 +29,7 @@ from lm.model.common import RMSNorm
 from lm.model.ema import MultiDimEMA
 from lm.model.quantizer import VectorQuantizer
 from lm.ops import vq_attention
-from lm.ops.gates import gate_split, gated_residual
+from lm.ops.gates import gate_split, gated_residual, gated_residual_norm, resolve_impl
 from lm.ops.vq_attention_decode import StaticVQAttentionState, vq_attention_decode_step
 
 
@@ -51,6 +51,9 @@ class StaticLongVQState:
 
 
 class LongVQMixer(nn.Module):
+    fuses_next_norm = True
+    """forward takes `norm`, the block's next RMSNorm, and may return its result (see forward)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         lv = cfg.longvq
@@ -93,9 +96,15 @@ class LongVQMixer(nn.Module):
             state_dict[key] = F.pad(saved, (0, self.rel_bias.shape[-1] - saved.shape[-1]))  # saved unpadded
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: Tensor, state: Optional[LongVQState] = None, return_state: bool = False, sp=None):
+    def forward(self, x: Tensor, state: Optional[LongVQState] = None, return_state: bool = False, sp=None,
+                norm: Optional[nn.Module] = None):
         """sp: sequence-parallel context (lm/parallel/sequence.py) when x is one segment of a sequence split
-        over ranks; the EMA state and the attention state of the tokens before it come through it."""
+        over ranks; the EMA state and the attention state of the tokens before it come through it.
+
+        norm: the RMSNorm (lm.model.common.RMSNorm, with a weight) that the block applies to this mixer's
+        output next. Given, the first result is (out, normed): normed = norm(out) when the gated residual and
+        the norm ran as one fused kernel (gate_impl resolves to triton, no dropout), else None (the caller
+        applies norm itself)."""
         if sp is not None and state is not None:
             raise ValueError("a carried state and a sequence-parallel context cannot be combined")
         a = self._attention_inputs(x, None if state is None else state.ema, return_state, sp)
@@ -107,7 +116,7 @@ class LongVQMixer(nn.Module):
         if self.capture:  # lm.ops.vq_diagnostics.attention_mass_split(**self.captured, chunk_size=C)
             self.captured = dict(q=a.q.detach(), k_hat=a.keys.detach(), v=a.v.detach(), codes=a.codes,
                                  codebook=a.codebook, bias=self.bias.detach())
-        out = self._output(x, attn, a)
+        out = self._output(x, attn, a, norm)
         new_state = LongVQState(a.ema_state, attn_state) if return_state else None
         return out, new_state, self.commit_beta * a.commit, a.metrics
 
@@ -149,13 +158,18 @@ class LongVQMixer(nn.Module):
         return _AttentionInputs(q, keys, v.view(B, T, H, E // H), codes, self.quantizer.codebook.to(q.dtype), u, r,
                                 hx, ema_state, commit, metrics)
 
-    def _output(self, x: Tensor, attn: Tensor, a: "_AttentionInputs") -> Tensor:
-        """Everything after the attention: output projection, gates, residual."""
+    def _output(self, x: Tensor, attn: Tensor, a: "_AttentionInputs", norm: Optional[nn.Module] = None):
+        """Everything after the attention: output projection, gates, residual; with `norm`, (out, normed or
+        None) (see forward)."""
         B, T, D = x.shape
         y = self.h_proj(self.attention_dropout(attn.reshape(B, T, self.hidden)) * a.r)
         # h = Dropout(SiLU(hx + y)); out = x + u * h (add) or x + u * (h - x) (gated)
-        return gated_residual(a.hx, y, a.u, x, residual=self.residual, dropout=self.dropout.p if self.training else 0.0,
-                              impl=self.gate_impl)
+        kwargs = dict(residual=self.residual, dropout=self.dropout.p if self.training else 0.0, impl=self.gate_impl)
+        if norm is None:
+            return gated_residual(a.hx, y, a.u, x, **kwargs)
+        if resolve_impl(self.gate_impl, "gated_residual_norm", y, supported=kwargs["dropout"] == 0) == "triton":
+            return gated_residual_norm(a.hx, y, a.u, x, norm.weight, eps=norm.eps, **kwargs)
+        return gated_residual(a.hx, y, a.u, x, **kwargs), None
 
 
 @dataclass

@@ -19,10 +19,16 @@ Two sites of `lm.model.longvq.LongVQMixer.forward` (docs/model.md has the block'
         out = x + u * (h - x)                  residual="gated"
         All (..., D); out has the promoted dtype of its inputs. Gradients: hx, y, u, x.
 
+    out, normed = gated_residual_norm(hx, y, u, x, weight, eps=eps, residual="add", dropout=0.0, impl="auto")
+        out as gated_residual, then the pre-norm of the feed-forward that follows the mixer in its block:
+        normed = F.rms_norm(out, (D,), weight.to(out.dtype), eps)   (lm.model.common.RMSNorm's expression)
+        weight (D,). normed has the dtype F.rms_norm gives there (fp32 under CUDA autocast, else out's).
+        Gradients: hx, y, u, x, weight, from the cotangents of both outputs.
+
 impl: "reference" (the PyTorch expressions above, the CPU path and the executable spec), "triton"
 (lm/ops/gates_fused.py: one kernel per site forward and one backward; CUDA), "auto" (see `resolve_impl`).
-The Triton gated residual has no dropout: with dropout > 0 (training with model.dropout) auto takes the
-reference and impl="triton" is an error. The product a * r that feeds W_h stays a PyTorch multiply: it is
+The Triton gated residual (with or without the norm) has no dropout: with dropout > 0 (training with
+model.dropout) auto takes the reference and impl="triton" is an error. The product a * r that feeds W_h stays a PyTorch multiply: it is
 one element-wise kernel forward (the GEMM's input) and its backward is two products of the GEMM's input
 gradient, which no single kernel here would save a pass over.
 """
@@ -45,7 +51,8 @@ NORM_EPS = 1e-6
 
 
 def resolve_impl(impl: str, site: str, x: Tensor, supported: bool = True) -> str:
-    """'reference' or 'triton' for the gate site `site` ("gate_split" or "gated_residual") on input x.
+    """'reference' or 'triton' for the gate site `site` ("gate_split", "gated_residual" or
+    "gated_residual_norm") on input x.
 
     auto: triton when x is on CUDA, Triton imports and `supported` (the site's options are ones the kernel
     has); the reference under torch.compile (Inductor fuses these element-wise ops into its own kernels, and
@@ -113,6 +120,13 @@ def gated_residual_reference(hx: Tensor, y: Tensor, u: Tensor, x: Tensor, *, res
     return x + u * h if residual == "add" else x + u * (h - x)
 
 
+def gated_residual_norm_reference(hx: Tensor, y: Tensor, u: Tensor, x: Tensor, weight: Tensor, *, eps: float,
+                                  residual: str = "add", dropout: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(out, normed): `gated_residual_reference`, then F.rms_norm(out, (D,), weight.to(out.dtype), eps)."""
+    out = gated_residual_reference(hx, y, u, x, residual=residual, dropout=dropout)
+    return out, F.rms_norm(out, (out.shape[-1],), weight.to(out.dtype), eps)
+
+
 # --------------------------------------------------------------------------------------------
 # Dispatch
 # --------------------------------------------------------------------------------------------
@@ -142,5 +156,19 @@ def gated_residual(hx: Tensor, y: Tensor, u: Tensor, x: Tensor, *, residual: str
     return fused.gated_residual_triton(hx, y, u, x, residual=residual)
 
 
-__all__ = ["gate_split", "gate_split_reference", "gated_residual", "gated_residual_reference", "resolve_impl",
+def gated_residual_norm(hx: Tensor, y: Tensor, u: Tensor, x: Tensor, weight: Tensor, *, eps: float,
+                        residual: str = "add", dropout: float = 0.0, impl: str = "auto") -> tuple[Tensor, Tensor]:
+    """Dispatch to the reference or the Triton kernel (see the module docstring): (out, normed). dropout: the
+    probability in effect (0 outside training)."""
+    if resolve_impl(impl, "gated_residual_norm", y, supported=dropout == 0) == "reference":
+        return gated_residual_norm_reference(hx, y, u, x, weight, eps=eps, residual=residual, dropout=dropout)
+    if dropout > 0:
+        raise ValueError("model.longvq.gate_impl=triton has no dropout: training with model.dropout > 0 needs "
+                         "gate_impl=auto or reference")
+    fused = require_fused("gates_fused", "model.longvq.gate_impl=triton needs Triton; use gate_impl=reference or auto")
+    return fused.gated_residual_norm_triton(hx, y, u, x, weight, eps=eps, residual=residual)
+
+
+__all__ = ["gate_split", "gate_split_reference", "gated_residual", "gated_residual_reference", "gated_residual_norm",
+           "gated_residual_norm_reference", "resolve_impl",
            "IMPLS", "KEY_NORMS", "RESIDUALS", "NORM_EPS"]

@@ -1,6 +1,6 @@
 """The LongVQ block's element-wise gates in Triton: same signatures and results as the references in
-`lm.ops.gates` (`gate_split_reference`, `gated_residual_reference`), one kernel per site forward and one
-backward.
+`lm.ops.gates` (`gate_split_reference`, `gated_residual_reference`, `gated_residual_norm_reference`), one
+kernel per site forward and one backward.
 
 gate_split. Programs own BM rows of the projection output mx (row stride any, columns contiguous) and walk
 its column groups: u = sigmoid and r = SiLU in (BM, BN) tiles, then z head by head in (BM, dk) tiles, where
@@ -15,6 +15,12 @@ gated_residual. 2-D tiles of (BM rows, BN channels): pre = hx + y, h = SiLU(pre)
 x + u (h - x) (gated), rounded like the reference (pre and h in the activation dtype, the residual update in
 out's dtype). Backward recomputes h from the saved inputs and writes d pre (the gradient of both hx and y),
 du and, for gated, dx (for add dx is the upstream gradient itself).
+
+gated_residual_norm. The gated residual followed by the RMS norm of its output: programs own BM whole rows
+(the D channels padded to a power of two, masked) and store out, normed = out rstd w and each row's rstd
+(fp32). Backward recomputes out from the inputs and the saved rstd, forms G = d out + rstd (d n w - n mean(d n
+w n)) with n = out rstd, writes the gated-residual backward of G and per-program partial sums of the weight's
+gradient, reduced by torch.
 
 Importing needs Triton (ImportError otherwise, the dispatcher falls back); it needs no GPU.
 """
@@ -45,6 +51,12 @@ class KernelConfig:
     block_n: int = 128
     """Columns per tile."""
     warps: int = 4
+    norm_block_m: int = 4
+    """Rows per program of the gated residual with the norm (each program holds its rows whole, padded to a
+    power of two); fewer where that would exceed `norm_elements`."""
+    norm_elements: int = 8192
+    """The most row elements one program of the gated residual with the norm holds."""
+    norm_warps: int = 8
 
 
 CONFIG = KernelConfig()
@@ -199,11 +211,9 @@ def _gate_split_bwd_kernel(MX, SCALE, SHIFT, Q, DU, DQ, DK_, DR, DHX, DMX, PART,
 
 
 @triton.jit
-def _residual_tile(HX, Y, U, X, s_hx, s_y, s_u, s_x, M, D, BM: tl.constexpr, BN: tl.constexpr):
-    rows, rm = _rows(M, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    m2 = rm[:, None] & (cols < D)[None, :]
-    c = cols[None, :]
+def _residual_load(HX, Y, U, X, s_hx, s_y, s_u, s_x, rows, c, m2):
+    """The fp32 values of the (rows, c) tile (m2 its mask, zero outside): pre = hx + y and h = SiLU(pre), both
+    rounded to the activation dtype, sigmoid(pre), u and x."""
     hx = tl.load(HX + rows[:, None] * s_hx + c, mask=m2, other=0.0).to(tl.float32)
     y = tl.load(Y + rows[:, None] * s_y + c, mask=m2, other=0.0).to(tl.float32)
     u = tl.load(U + rows[:, None] * s_u + c, mask=m2, other=0.0).to(tl.float32)
@@ -211,7 +221,43 @@ def _residual_tile(HX, Y, U, X, s_hx, s_y, s_u, s_x, M, D, BM: tl.constexpr, BN:
     pre = _round(hx + y, HX)
     s = _sigmoid(pre)
     h = _round(pre * s, HX)
+    return pre, s, h, u, x
+
+
+@triton.jit
+def _residual_tile(HX, Y, U, X, s_hx, s_y, s_u, s_x, M, D, BM: tl.constexpr, BN: tl.constexpr):
+    rows, rm = _rows(M, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    m2 = rm[:, None] & (cols < D)[None, :]
+    c = cols[None, :]
+    pre, s, h, u, x = _residual_load(HX, Y, U, X, s_hx, s_y, s_u, s_x, rows, c, m2)
     return rows, c, m2, pre, s, h, u, x
+
+
+@triton.jit
+def _residual_out(h, u, x, U, OUT, GATED: tl.constexpr):
+    """out = x + u h (add) or x + u (h - x) (gated) in fp32, rounded like the reference (to OUT's dtype)."""
+    if GATED:
+        upd = _round(u * _round(h - x, OUT), OUT)
+    else:
+        upd = _round(u * h, U)
+    return _round(x + upd, OUT)
+
+
+@triton.jit
+def _residual_bwd_store(g, pre, s, h, u, x, HX, DPRE, DU, DX, off, m2, GATED: tl.constexpr, STORE_DX: tl.constexpr):
+    """The gated-residual backward from out's gradient g: d pre (of hx and y), du and dx (gated: g (1 - u);
+    add: g itself, stored when STORE_DX)."""
+    if GATED:
+        du = g * (h - x)
+        tl.store(DX + off, (g * (1.0 - u)).to(DX.dtype.element_ty), mask=m2)
+    else:
+        du = g * h
+        if STORE_DX:
+            tl.store(DX + off, g.to(DX.dtype.element_ty), mask=m2)
+    dh = _round(g * u, HX)
+    tl.store(DU + off, du.to(DU.dtype.element_ty), mask=m2)
+    tl.store(DPRE + off, (dh * s * (1.0 + pre * (1.0 - s))).to(DPRE.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -219,11 +265,7 @@ def _gated_residual_fwd_kernel(HX, Y, U, X, OUT, s_hx, s_y, s_u, s_x, M, D,
                                BM: tl.constexpr, BN: tl.constexpr, GATED: tl.constexpr):
     """OUT is contiguous (M, D)."""
     rows, c, m2, pre, s, h, u, x = _residual_tile(HX, Y, U, X, s_hx, s_y, s_u, s_x, M, D, BM, BN)
-    if GATED:
-        upd = _round(u * _round(h - x, OUT), OUT)
-    else:
-        upd = _round(u * h, U)
-    tl.store(OUT + rows[:, None] * D + c, (x + upd).to(OUT.dtype.element_ty), mask=m2)
+    tl.store(OUT + rows[:, None] * D + c, _residual_out(h, u, x, U, OUT, GATED).to(OUT.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -233,14 +275,56 @@ def _gated_residual_bwd_kernel(HX, Y, U, X, DO, DPRE, DU, DX, s_hx, s_y, s_u, s_
     rows, c, m2, pre, s, h, u, x = _residual_tile(HX, Y, U, X, s_hx, s_y, s_u, s_x, M, D, BM, BN)
     off = rows[:, None] * D + c
     g = tl.load(DO + off, mask=m2, other=0.0).to(tl.float32)
-    if GATED:
-        du = g * (h - x)
-        tl.store(DX + off, (g * (1.0 - u)).to(DX.dtype.element_ty), mask=m2)
-    else:
-        du = g * h
-    dh = _round(g * u, HX)
-    tl.store(DU + off, du.to(DU.dtype.element_ty), mask=m2)
-    tl.store(DPRE + off, (dh * s * (1.0 + pre * (1.0 - s))).to(DPRE.dtype.element_ty), mask=m2)
+    _residual_bwd_store(g, pre, s, h, u, x, HX, DPRE, DU, DX, off, m2, GATED, False)
+
+
+@triton.jit
+def _row_tile(M, D, BM: tl.constexpr, BD: tl.constexpr):
+    """BM whole rows (BD >= D columns, masked) of program 0's block."""
+    rows, rm = _rows(M, BM)
+    cols = tl.arange(0, BD)
+    cm = cols < D
+    return rows, cols, cm, rm[:, None] & cm[None, :]
+
+
+@triton.jit
+def _gated_residual_norm_fwd_kernel(HX, Y, U, X, W, OUT, NORMED, RSTD, s_hx, s_y, s_u, s_x, M, D, eps,
+                                    BM: tl.constexpr, BD: tl.constexpr, GATED: tl.constexpr):
+    """OUT and NORMED are contiguous (M, D); RSTD (M,) fp32 takes each row's 1 / rms(out)."""
+    rows, cols, cm, m2 = _row_tile(M, D, BM, BD)
+    c = cols[None, :]
+    pre, s, h, u, x = _residual_load(HX, Y, U, X, s_hx, s_y, s_u, s_x, rows, c, m2)
+    out = tl.where(m2, _residual_out(h, u, x, U, OUT, GATED), 0.0)
+    off = rows[:, None] * D + c
+    tl.store(OUT + off, out.to(OUT.dtype.element_ty), mask=m2)
+    rstd = 1.0 / tl.sqrt(tl.sum(out * out, axis=1) / D + eps)
+    w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+    tl.store(NORMED + off, (out * rstd[:, None] * w[None, :]).to(NORMED.dtype.element_ty), mask=m2)
+    tl.store(RSTD + rows, rstd, mask=rows < M)
+
+
+@triton.jit
+def _gated_residual_norm_bwd_kernel(HX, Y, U, X, W, OUT, RSTD, DO, DN, DPRE, DU, DX, PART, s_hx, s_y, s_u, s_x, M, D,
+                                    BM: tl.constexpr, BD: tl.constexpr, GATED: tl.constexpr, HAS_DO: tl.constexpr):
+    """OUT: any tensor of out's dtype (only its element type is used). DO, DN, DPRE, DU, DX are contiguous (M, D);
+    DO is read when HAS_DO. PART[program] (D,) fp32 takes this program's partial sum of
+    the weight's gradient. out is recomputed (rounded as in forward); G = d out + the RMS-norm backward of
+    d normed, then the gated-residual backward of G."""
+    rows, cols, cm, m2 = _row_tile(M, D, BM, BD)
+    c = cols[None, :]
+    pre, s, h, u, x = _residual_load(HX, Y, U, X, s_hx, s_y, s_u, s_x, rows, c, m2)
+    out = tl.where(m2, _residual_out(h, u, x, U, OUT, GATED), 0.0)
+    off = rows[:, None] * D + c
+    rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
+    w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+    xhat = out * rstd[:, None]
+    gn = tl.load(DN + off, mask=m2, other=0.0).to(tl.float32)
+    gx = gn * w[None, :]
+    g = (gx - xhat * (tl.sum(gx * xhat, axis=1) / D)[:, None]) * rstd[:, None]
+    if HAS_DO:
+        g = g + tl.load(DO + off, mask=m2, other=0.0).to(tl.float32)
+    tl.store(PART + tl.program_id(0).to(tl.int64) * D + cols, tl.sum(gn * xhat, axis=0), mask=cm)
+    _residual_bwd_store(g, pre, s, h, u, x, HX, DPRE, DU, DX, off, m2, GATED, True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,6 +420,51 @@ class _GatedResidual(torch.autograd.Function):
         return dpre.to(hx.dtype), dpre.to(y.dtype), du, dx, None, None, None
 
 
+def _norm_blocks(D: int, cfg: KernelConfig) -> tuple[int, int]:
+    """(rows per program, padded row width) of the gated residual with the norm."""
+    bd = triton.next_power_of_2(D)
+    return max(1, min(cfg.norm_block_m, cfg.norm_elements // bd)), bd
+
+
+class _GatedResidualNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hx, y, u, x, w, eps, gated, out_dtype, normed_dtype, cfg):
+        M, D = y.shape
+        out = torch.empty(M, D, dtype=out_dtype, device=y.device)
+        normed = torch.empty(M, D, dtype=normed_dtype, device=y.device)
+        rstd = torch.empty(M, dtype=torch.float32, device=y.device)
+        bm, bd = _norm_blocks(D, cfg)
+        grid = (triton.cdiv(M, bm),)
+        if out.numel():
+            _gated_residual_norm_fwd_kernel[grid](hx, y, u, x, w, out, normed, rstd, hx.stride(0), y.stride(0),
+                                                  u.stride(0), x.stride(0), M, D, eps, BM=bm, BD=bd, GATED=gated,
+                                                  num_warps=cfg.norm_warps)
+        ctx.save_for_backward(hx, y, u, x, w, rstd)
+        ctx.meta = (gated, out_dtype, cfg)
+        return out, normed
+
+    @staticmethod
+    def backward(ctx, g_out, g_normed):
+        hx, y, u, x, w, rstd = ctx.saved_tensors
+        gated, out_dtype, cfg = ctx.meta
+        M, D = y.shape
+        like = torch.empty(1, dtype=out_dtype, device=y.device)  # carries out's dtype into the kernel
+        dn = _contiguous(g_normed, torch.empty(M, D, dtype=like.dtype, device=y.device))
+        do = dn if g_out is None else g_out.contiguous()
+        dpre = torch.empty(M, D, dtype=torch.promote_types(hx.dtype, y.dtype), device=y.device)
+        du = torch.empty(M, D, dtype=u.dtype, device=u.device)
+        dx = torch.empty(M, D, dtype=x.dtype, device=x.device)
+        bm, bd = _norm_blocks(D, cfg)
+        grid = (triton.cdiv(M, bm),)
+        part = torch.zeros(grid[0], D, dtype=torch.float32, device=y.device)
+        if dn.numel():
+            _gated_residual_norm_bwd_kernel[grid](hx, y, u, x, w, like, rstd, do, dn, dpre, du, dx, part, hx.stride(0),
+                                                  y.stride(0), u.stride(0), x.stride(0), M, D, BM=bm, BD=bd,
+                                                  GATED=gated, HAS_DO=g_out is not None, num_warps=cfg.norm_warps)
+        dw = part.sum(0).to(w.dtype)
+        return dpre.to(hx.dtype), dpre.to(y.dtype), du, dx, dw, None, None, None, None, None
+
+
 @torch.compiler.disable  # under torch.compile: an opaque call (Dynamo does not trace the Triton launches)
 def _split(*args):
     return _GateSplit.apply(*args)
@@ -368,21 +497,49 @@ def gate_split_triton(mx: Tensor, qk_scale: Tensor, qk_shift: Tensor, *, sizes: 
             hx.view(*lead, D))
 
 
-def gated_residual_triton(hx: Tensor, y: Tensor, u: Tensor, x: Tensor, *, residual: str = "add",
-                          config: KernelConfig = CONFIG) -> Tensor:
-    """Drop-in for `lm.ops.gates.gated_residual_reference` without dropout (see `supports`)."""
+def _check_residual(name: str, hx: Tensor, y: Tensor, u: Tensor, x: Tensor, residual: str) -> None:
     if residual not in RESIDUALS:
-        raise ValueError(f"gated_residual_triton: residual {residual!r} is not one of {RESIDUALS}")
+        raise ValueError(f"{name}: residual {residual!r} is not one of {RESIDUALS}")
     if not (hx.shape == y.shape == u.shape == x.shape):
-        raise ValueError(f"gated_residual_triton: hx {tuple(hx.shape)}, y {tuple(y.shape)}, u {tuple(u.shape)} and "
+        raise ValueError(f"{name}: hx {tuple(hx.shape)}, y {tuple(y.shape)}, u {tuple(u.shape)} and "
                          f"x {tuple(x.shape)} must have one shape")
     for t in (hx, y, u, x):
         if t.dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(f"gated_residual_triton: dtype {t.dtype} is not one of {_SUPPORTED_DTYPES}; "
-                             "use gate_impl=reference")
+            raise ValueError(f"{name}: dtype {t.dtype} is not one of {_SUPPORTED_DTYPES}; use gate_impl=reference")
+
+
+def gated_residual_triton(hx: Tensor, y: Tensor, u: Tensor, x: Tensor, *, residual: str = "add",
+                          config: KernelConfig = CONFIG) -> Tensor:
+    """Drop-in for `lm.ops.gates.gated_residual_reference` without dropout (see `supports`)."""
+    _check_residual("gated_residual_triton", hx, y, u, x, residual)
     out_dtype = torch.promote_types(torch.promote_types(hx.dtype, y.dtype), torch.promote_types(u.dtype, x.dtype))
     out = _residual(_rowwise(hx), _rowwise(y), _rowwise(u), _rowwise(x), residual == "gated", out_dtype, config)
     return out.view(x.shape)
 
 
-__all__ = ["supports", "gate_split_triton", "gated_residual_triton", "KernelConfig", "CONFIG"]
+@torch.compiler.disable
+def _residual_norm(*args):
+    return _GatedResidualNorm.apply(*args)
+
+
+def gated_residual_norm_triton(hx: Tensor, y: Tensor, u: Tensor, x: Tensor, weight: Tensor, *, eps: float,
+                               residual: str = "add", config: KernelConfig = CONFIG) -> tuple[Tensor, Tensor]:
+    """Drop-in for `lm.ops.gates.gated_residual_norm_reference` without dropout (see `supports`): (out, normed).
+    Rows of up to a few thousand channels (each program holds `config.norm_block_m` whole rows)."""
+    _check_residual("gated_residual_norm_triton", hx, y, u, x, residual)
+    D = x.shape[-1]
+    if tuple(weight.shape) != (D,):
+        raise ValueError(f"gated_residual_norm_triton: weight {tuple(weight.shape)} must be ({D},)")
+    out_dtype = torch.promote_types(torch.promote_types(hx.dtype, y.dtype), torch.promote_types(u.dtype, x.dtype))
+    # F.rms_norm is an fp32 op under CUDA autocast; elsewhere it keeps its input's dtype
+    normed_dtype = torch.float32 if y.is_cuda and torch.is_autocast_enabled("cuda") else out_dtype
+    w = weight.to(out_dtype)
+    if not w.is_contiguous():
+        w = w.contiguous()
+    out, normed = _residual_norm(_rowwise(hx), _rowwise(y), _rowwise(u), _rowwise(x), w, float(eps),
+                                 residual == "gated", out_dtype, normed_dtype, config)
+    return out.view(x.shape), normed.view(x.shape)
+
+
+__all__ = ["supports", "gate_split_triton", "gated_residual_triton", "gated_residual_norm_triton", "KernelConfig",
+           "CONFIG"]

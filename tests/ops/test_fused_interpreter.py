@@ -18,7 +18,7 @@ MODULES = {
     "tests/ops/test_ema_scan.py": 18,
     "tests/ops/test_vq_quantize.py": 19,
     "tests/ops/test_linear_ce_fused.py": 27,
-    "tests/ops/test_gates.py": 33,
+    "tests/ops/test_gates.py": 46,
     "tests/evals/test_bench_kernels.py": 3,
     "tests/evals/test_bench_vq_attention.py": 3,
 }

@@ -1,6 +1,8 @@
 """The LongVQ block's element-wise gates (lm/ops/gates.py): the references equal the block's original
 expressions bit for bit (whole mixer, outputs and gradients), and the Triton kernels (lm/ops/gates_fused.py)
-match the references in outputs and in the gradients of every input, for every option.
+match the references in outputs and in the gradients of every input, for every option. The gated residual
+fused with the feed-forward's RMS norm: its reference is the two ops the block ran before, the block computes
+the same with and without the fused kernel.
 
 The Triton tests carry the `gpu` + `triton_interpret` markers: on a GPU they run on CUDA (fp32 and bf16), on the
 CPU tests/ops/test_fused_interpreter.py runs them under Triton's interpreter (fp32).
@@ -25,14 +27,17 @@ import torch.nn.functional as F
 from lm.config import ConfigError, RunConfig, from_dict
 from lm.model.common import rms_normalize
 from lm.model.longvq import LongVQMixer
-from lm.ops.gates import (gate_split, gate_split_reference, gated_residual, gated_residual_reference,
-                          resolve_impl)
+from lm.model.common import RMSNorm
+from lm.model.lm import Block
+from lm.ops.gates import (gate_split, gate_split_reference, gated_residual, gated_residual_norm,
+                          gated_residual_norm_reference, gated_residual_reference, resolve_impl)
 from tests.fused_kernels import DEVICE, INTERPRET, gpu_only
 from tests.tolerances import assert_close
 
 TOL_BF16 = 1e-2
 SPLIT_NAMES = ("u", "q", "k", "r", "hx", "d_mx", "d_scale", "d_shift")
 RESIDUAL_NAMES = ("out", "d_hx", "d_y", "d_u", "d_x")
+NORM_NAMES = ("out", "normed", "d_hx", "d_y", "d_u", "d_x", "d_weight")
 KEY_NORMS = (None, "rms", "center_rms")
 
 
@@ -175,6 +180,84 @@ def test_auto_takes_the_reference_under_compile_without_a_graph_break():
     assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), x + 1)
 
 
+@pytest.mark.parametrize("residual", ["add", "gated"])
+def test_residual_norm_reference_is_the_residual_then_the_block_norm(residual):
+    """The fused op's reference is gated_residual_reference followed by the FFN's RMSNorm module, bit for bit
+    (outputs and gradients), also with a bf16 activation and an fp32 residual stream; auto is it on the CPU."""
+    norm = RMSNorm(40, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+    for dtypes in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32)):
+        hx, y, u, x = _residual_args((3, 7), 40, dtypes)
+        results = []
+        for fn in ("two", "reference", "auto"):
+            leaves = [t.detach().clone().requires_grad_() for t in (hx, y, u, x, norm.weight)]
+            if fn == "two":
+                out = gated_residual_reference(*leaves[:4], residual=residual)
+                normed = F.rms_norm(out, (40,), leaves[4].to(out.dtype), norm.eps)
+                assert torch.equal(normed, norm(out))
+            elif fn == "reference":
+                out, normed = gated_residual_norm_reference(*leaves, eps=norm.eps, residual=residual)
+            else:
+                out, normed = gated_residual_norm(*leaves, eps=norm.eps, residual=residual, impl="auto")
+            g = torch.Generator().manual_seed(2)
+            loss = (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum() + (
+                normed.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum()
+            results.append([out, normed, *torch.autograd.grad(loss, leaves)])
+        for got in results[1:]:
+            for name, a, b in zip(NORM_NAMES, got, results[0]):
+                assert a.dtype == b.dtype and torch.equal(a, b), name
+    t = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="gate_impl=triton has no dropout"):
+        gated_residual_norm(t, t, t, t, torch.ones(8), eps=1e-5, dropout=0.1, impl="triton")
+
+
+def _block_pair(tiny_model_config, gate_impls=("reference", "reference"), dropout=0.0, **opts):
+    cfg = tiny_model_config("longvq", "chunked", dropout=dropout)
+    blocks = []
+    for gate_impl in gate_impls:
+        c = dataclasses.replace(cfg, longvq=dataclasses.replace(cfg.longvq, gate_impl=gate_impl, **opts))
+        torch.manual_seed(0)
+        blocks.append(Block(c))
+    with torch.no_grad():
+        blocks[0].ffn.norm.weight.normal_(1.0, 0.3)
+        blocks[0].mixer.qk_scale.normal_(1.0, 0.5)
+    blocks[1].load_state_dict(blocks[0].state_dict())
+    return blocks
+
+
+def _original_block(block: Block, x):
+    """Block.forward as written before the mixer could fuse the FFN's norm."""
+    out, _, aux, _ = block.mixer(x)
+    return block.ffn(out), aux
+
+
+def _run_block(fn, block, x, seed=0):
+    """(output, aux, gradients of x and of every parameter) of fn(block, x) in training mode."""
+    block.train()
+    xl = x.detach().clone().requires_grad_()
+    torch.manual_seed(seed)
+    out, aux = fn(block, xl)
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1)).to(out.device)
+    grads = torch.autograd.grad((out * g).sum() + aux, [xl] + list(block.parameters()), allow_unused=True)
+    return [out.detach(), aux.detach()] + [t for t in grads if t is not None]
+
+
+@pytest.mark.parametrize("residual, dropout", [("gated", 0.0), ("add", 0.0), ("gated", 0.2)])
+def test_block_on_the_cpu_computes_what_it_computed_before(tiny_model_config, residual, dropout):
+    """gate_impl=auto on the CPU (and with dropout): the mixer returns no normed and the block is the mixer
+    then the FFN, bit for bit."""
+    new, old = _block_pair(tiny_model_config, ("auto", "auto"), dropout=dropout, residual=residual)
+    x = torch.randn(2, 11, 32)
+    (_, normed), *_ = new.mixer(x, norm=new.ffn.norm)
+    assert normed is None
+    want = _run_block(_original_block, old, x, seed=3)
+    got = _run_block(lambda b, x: (lambda r: (r[0], r[2]))(b(x)), new, x, seed=3)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------------------------
 # Triton against the reference
 # --------------------------------------------------------------------------------------------
@@ -190,7 +273,8 @@ def _fused():
 
 
 def _small(fz):
-    return fz.KernelConfig(block_m=8, block_n=16, warps=2)  # several row blocks and column tiles at test sizes
+    # several row blocks and column tiles at test sizes
+    return fz.KernelConfig(block_m=8, block_n=16, warps=2, norm_block_m=4, norm_warps=2)
 
 
 SPLIT_SHAPES = [
@@ -328,6 +412,99 @@ def test_a_wrong_gated_residual_fails_the_check():
         _check_fp32(got, want, RESIDUAL_NAMES)
 
 
+def _norm_args(lead, D, dtypes, seed=0, hx_stride=0):
+    hx, y, u, x = _residual_args(lead, D, dtypes, seed=seed, hx_stride=hx_stride)
+    w = torch.randn(D, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(seed + 7)) * 0.3 + 1
+    return hx, y, u, x, w  # w: an fp32 parameter
+
+
+def _run_norm(fn, args, ups, **kw):
+    """(out, normed, gradients of hx, y, u, x, weight) of fn with the cotangents ups (None: that output unused)."""
+    leaves = [t.detach().clone().requires_grad_() for t in args]
+    outs = fn(*leaves, **kw)
+    loss = sum((o.double() * g).sum() for o, g in zip(outs, ups) if g is not None)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)  # out only: no weight's
+    return [o.detach() for o in outs] + [g.detach() for g in grads]
+
+
+def _compare_norm(lead, D, residual, dtypes=(torch.float32, torch.float32), hx_stride=0, skip=(), fn=None,
+                  eps=1e-5):
+    fz = _fused()
+    args = _norm_args(lead, D, dtypes, hx_stride=hx_stride)
+    ups = _upstream([args[3].shape] * 2, 4, skip)
+    want = _run_norm(gated_residual_norm_reference, args, ups, eps=eps, residual=residual)
+    impl = fn or (lambda *a, **k: fz.gated_residual_norm_triton(*a, config=_small(fz), **k))
+    got = _run_norm(impl, args, ups, eps=eps, residual=residual)
+    return got, want
+
+
+NORM_SHAPES = [((3, 7), 40), ((1, 1), 8), ((13,), 24), ((2, 5), 100)]  # rows 21, 1, 13, 10: not multiples of 4
+
+
+@pytest.mark.parametrize("residual", ["add", "gated"])
+@pytest.mark.parametrize("lead, D", NORM_SHAPES, ids=[f"{'x'.join(map(str, lead))}-D{D}" for lead, D in NORM_SHAPES])
+@pytest.mark.gpu
+@pytest.mark.triton_interpret
+def test_gated_residual_norm_triton_matches_reference(lead, D, residual):
+    got, want = _compare_norm(lead, D, residual, hx_stride=3)
+    _check_fp32(got, want, NORM_NAMES)
+
+
+@pytest.mark.parametrize("skip", [(0,), (1,)], ids=["normed-only", "out-only"])
+@pytest.mark.gpu
+@pytest.mark.triton_interpret
+def test_gated_residual_norm_with_one_output_used_and_default_config(skip):
+    """A cotangent on one output only (the other's gradient is None in backward); the default launch config."""
+    fz = _fused()
+    got, want = _compare_norm((3, 7), 40, "gated", skip=skip)
+    _check_fp32(got, want, NORM_NAMES)
+    got, want = _compare_norm((3, 7), 40, "add", skip=skip, fn=fz.gated_residual_norm_triton)
+    _check_fp32(got, want, NORM_NAMES)
+
+
+def _uncentred_norm(fz):
+    """The fused op with a wrong norm backward: normed's gradient reaches out as rstd * w * d normed, without
+    the term along the normalised row (and the weight's gradient as before)."""
+    def fn(hx, y, u, x, w, *, eps, residual):
+        out, normed = fz.gated_residual_norm_triton(hx, y, u, x, w.detach(), eps=eps, residual=residual,
+                                                    config=_small(fz))
+        rstd = torch.rsqrt(out.detach().pow(2).mean(-1, keepdim=True) + eps)
+        wrong = out * rstd * w.detach() + out.detach() * rstd * w
+        return out, normed.detach() + wrong - wrong.detach()
+
+    return fn
+
+
+@pytest.mark.gpu
+@pytest.mark.triton_interpret
+def test_a_wrong_norm_backward_fails_the_check():
+    """The check is not vacuous: a norm backward without its centring term fails it, in x's gradient first."""
+    fz = _fused()
+    got, want = _compare_norm((3, 7), 40, "gated", fn=_uncentred_norm(fz))
+    _check_fp32(got[:2], want[:2], NORM_NAMES[:2])  # the forward is the kernel's
+    with pytest.raises(AssertionError, match=r"^d_hx: "):
+        _check_fp32(got, want, NORM_NAMES)
+
+
+@pytest.mark.parametrize("residual", ["gated", "add"])
+@pytest.mark.gpu
+@pytest.mark.triton_interpret
+def test_block_with_triton_gates_matches_reference(tiny_model_config, residual):
+    """The whole Block (fp32): gate_impl=triton runs the fused residual + norm (the mixer returns normed) and
+    equals gate_impl=reference in outputs and every gradient."""
+    _fused()
+    ref, tri = (b.to(DEVICE) for b in _block_pair(tiny_model_config, ("reference", "triton"), residual=residual))
+    x = torch.randn(2, 11, 32, device=DEVICE)
+    (out, normed), *_ = tri.mixer(x, norm=tri.ffn.norm)
+    assert normed is not None and torch.equal(out, tri.mixer(x)[0])
+    assert ref.mixer(x, norm=ref.ffn.norm)[0][1] is None
+    fwd = lambda b, x: (lambda r: (r[0], r[2]))(b(x))  # noqa: E731
+    want, got = _run_block(fwd, ref, x), _run_block(fwd, tri, x)
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert rel(a, b) <= 1e-5, i
+
+
 @pytest.mark.parametrize("opts", MIXER_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "default")
 @pytest.mark.gpu
 @pytest.mark.triton_interpret
@@ -407,3 +584,22 @@ def test_auto_picks_triton_on_cuda_and_the_mixer_agrees_in_bf16(tiny_model_confi
         want, got = _run_mixer(fwd, ref, xs), _run_mixer(fwd, tri, xs)
     for i, (a, b) in enumerate(zip(got, want)):
         assert rel(a, b) <= 3e-2, i
+
+
+@gpu_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", ["add", "gated"])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+def test_gated_residual_norm_triton_bf16(residual, x_dtype, autocast):
+    """bf16 activations with a bf16 or an fp32 residual stream; under CUDA autocast normed is fp32 (F.rms_norm is
+    an fp32 op there), as in the reference."""
+    fz = _fused()
+    args = _norm_args((4, 333), 768, (torch.bfloat16, x_dtype), hx_stride=64 + 1536 + 768)
+    ups = _upstream([args[3].shape] * 2, 4)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        want = _run_norm(gated_residual_norm_reference, args, ups, eps=1e-5, residual=residual)
+        got = _run_norm(fz.gated_residual_norm_triton, args, ups, eps=1e-5, residual=residual)
+    for name, a, b in zip(NORM_NAMES, got, want):
+        assert a.dtype == b.dtype, name
+        assert rel(a, b) <= TOL_BF16, name
