@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import triton
@@ -531,9 +532,10 @@ def gated_residual_norm_triton(hx: Tensor, y: Tensor, u: Tensor, x: Tensor, weig
     if tuple(weight.shape) != (D,):
         raise ValueError(f"gated_residual_norm_triton: weight {tuple(weight.shape)} must be ({D},)")
     out_dtype = torch.promote_types(torch.promote_types(hx.dtype, y.dtype), torch.promote_types(u.dtype, x.dtype))
-    # F.rms_norm is an fp32 op under CUDA autocast; elsewhere it keeps its input's dtype
-    normed_dtype = torch.float32 if y.is_cuda and torch.is_autocast_enabled("cuda") else out_dtype
     w = weight.to(out_dtype)
+    # the dtype the reference's F.rms_norm returns here (autocast policies differ between torch versions):
+    # asked of the op itself on an empty tensor
+    normed_dtype = F.rms_norm(torch.empty(0, D, dtype=out_dtype, device=y.device), (D,), w, float(eps)).dtype
     if not w.is_contiguous():
         w = w.contiguous()
     out, normed = _residual_norm(_rowwise(hx), _rowwise(y), _rowwise(u), _rowwise(x), w, float(eps),

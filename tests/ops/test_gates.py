@@ -188,7 +188,7 @@ def test_residual_norm_reference_is_the_residual_then_the_block_norm(residual):
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.3)
     for dtypes in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32)):
-        hx, y, u, x = _residual_args((3, 7), 40, dtypes)
+        hx, y, u, x = (t.cpu() for t in _residual_args((3, 7), 40, dtypes))  # auto = the reference on the CPU
         results = []
         for fn in ("two", "reference", "auto"):
             leaves = [t.detach().clone().requires_grad_() for t in (hx, y, u, x, norm.weight)]
