@@ -98,7 +98,10 @@ def test_time_limit_warning_saves_requeues_and_resumes_exactly(tmp_path, data_ca
         _wait(lambda: log.is_file() and "step 3 loss" in log.read_text(), 180, "the job to train 3 steps", log)
         subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)  # the time-limit warning
         _wait(lambda: int(_job(job).get("Restarts", 0)) >= 1, 180, "the job to requeue itself", log)
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)  # skip the requeue delay
+        # skip the requeue delay, but not into the second in which the old run's credential was revoked: slurmd
+        # refuses a credential created in that second ("Job credential revoked") and the job ends FAILED
+        time.sleep(3)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
         final = _wait(lambda: (lambda j: j if j.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
                                else None)(_job(job)), 300, "the requeued job to finish", log)
     finally:
