@@ -147,18 +147,25 @@ def ema_rows(shape: BlockShape, tokens: int, contexts: Iterable[int], device: to
         if compile_fft:
             fns["fft_compiled"] = torch.compile(fns["fft"])
         fb, bb, ff, bf = ema_cost(B * T, D, N, ema_scan_fused.CONFIG.chunk)
-        context_rows = []
-        for name, fn in fns.items():
-            fwd, fwd_bwd = timer(fn, *ARM_MS), timer(lambda: fn().backward(gy), *ARM_MS)
-            row = dict(kernel="ema", arm=name, T=T, B=B, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd)
-            if name == "triton_scan":
-                row.update(fwd_GBps=fb / fwd / 1e6, ideal_fwd_ms=roofline_ms(fb, ff, FP32_FLOPS),
-                           ideal_fwd_bwd_ms=roofline_ms(fb + bb, ff + bf, FP32_FLOPS))
-            context_rows.append(row)
-        for r in context_rows:
-            r["speedup_fwd_bwd_vs_fft"] = context_rows[0]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-        rows += context_rows
+        ideal = {"triton_scan": lambda fwd: dict(fwd_GBps=fb / fwd / 1e6, ideal_fwd_ms=roofline_ms(fb, ff, FP32_FLOPS),
+                                                 ideal_fwd_bwd_ms=roofline_ms(fb + bb, ff + bf, FP32_FLOPS))}
+        rows += _arm_rows("ema", fns, T, B, timer, lambda fn: fn().backward(gy), ideal, "speedup_fwd_bwd_vs_fft")
     return rows
+
+
+def _arm_rows(kernel: str, fns: dict, T: int, B: int, timer, fwd_bwd, ideal: dict, speedup_key: str) -> list[dict]:
+    """One row per arm (name -> forward callable): forward and forward+backward (fwd_bwd(fn) runs both) times,
+    ideal[name](fwd_ms) -> extra fields where given, and the forward+backward speed-up against the first arm."""
+    out = []
+    for name, fn in fns.items():
+        fwd = timer(fn, *ARM_MS)
+        row = dict(kernel=kernel, arm=name, T=T, B=B, fwd_ms=fwd, fwd_bwd_ms=timer(lambda fn=fn: fwd_bwd(fn), *ARM_MS))
+        if name in ideal:
+            row.update(ideal[name](fwd))
+        out.append(row)
+    for r in out:
+        r[speedup_key] = out[0]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    return out
 
 
 def ema_sweep(shape: BlockShape, tokens: int, T: int, device: torch.device, dtype=torch.bfloat16,
@@ -321,17 +328,9 @@ def gates_rows(shape: BlockShape, tokens: int, contexts: Iterable[int], device: 
         if compile_reference:
             fns["reference_compiled"] = torch.compile(fns["reference"])
         fb, bb = gates_cost(B * T, D, dz, E)
-        context_rows = []
-        for name, fn in fns.items():
-            row = dict(kernel="gates", arm=name, T=T, B=B, fwd_ms=timer(fn, *ARM_MS),
-                       fwd_bwd_ms=timer(lambda fn=fn: _fwd_bwd(fn), *ARM_MS))
-            if name == "triton":
-                row.update(ideal_fwd_ms=roofline_ms(fb, 0, BF16_FLOPS),
-                           ideal_fwd_bwd_ms=roofline_ms(fb + bb, 0, BF16_FLOPS))
-            context_rows.append(row)
-        for r in context_rows:
-            r["speedup_fwd_bwd_vs_reference"] = context_rows[0]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-        rows += context_rows
+        ideal = {"triton": lambda fwd: dict(ideal_fwd_ms=roofline_ms(fb, 0, BF16_FLOPS),
+                                            ideal_fwd_bwd_ms=roofline_ms(fb + bb, 0, BF16_FLOPS))}
+        rows += _arm_rows("gates", fns, T, B, timer, _fwd_bwd, ideal, "speedup_fwd_bwd_vs_reference")
     return rows
 
 
