@@ -9,19 +9,23 @@ Design (FlashAttention-2 style, one online softmax per query over three parts):
     prefix over chunks with lag 2 (plus the state's cache), giving log2 N[b,h,r,s] and the per-code
     means Ubar[b,h,r,s,:] (stored in the input dtype for the tensor-core product);
   * forward kernel, one program per (query block of BM rows inside chunk r, b*h): loops over codebook
-    blocks (score q.c*scale + log N, value Ubar), over the previous chunk's keys (bias b[i+C-j] where
-    i + C - j <= C) and over the own chunk's keys causally (bias b[i-j]); keeps acc, running max and
-    sum; stores out and the base-2 log-sum-exp. Scores never exceed one (BM x BN) tile. Every kernel reads
-    the bias by distance from its (C + 1)-vector per head (scaled to base 2 once on the host), which stays
-    in L1: no (BLK x BLK) Toeplitz tiles;
+    blocks of BN codes (score q.c*scale + log N, value Ubar), over the previous chunk's keys, BN at a time
+    (bias b[i+C-j] where i + C - j <= C), and over the own chunk's keys causally (bias b[i-j]); keeps acc,
+    running max and sum; stores out and the base-2 log-sum-exp. Scores never exceed one (BM x BN) tile. Every
+    kernel reads the bias by distance from its (C + 1)-vector per head (scaled to base 2 once on the host),
+    which stays in L1: no Toeplitz tiles;
   * backward, all in kernels (no fp32 copies of q/k/v-sized tensors in torch): delta = rowsum(dO * O);
     kernel cache (per code block: one reverse pass over the chunks, dUbar[r] = p_cache^T dO of chunk r's
     queries, kept as the suffix sum dSum[r'] = sum_{r >= r'} dUbar[r] / max(N[r], 1) in registers; dSum[r + 2]
     is the gradient of chunk r's value sums);
-    kernel dq (per query block: recompute p, dS; dq, and the bias gradient as diagonal sums of each dS
-    tile, folded with tl.gather and added atomically into one partial row per (b, h, chunk));
-    kernel dk/dv (per key block: queries of the own chunk at or after the key and all queries of the
-    next chunk, plus dSum[r + 2] gathered at the key's code), storing in the input dtype.
+    kernel dq (per block of BM queries, BN codes / keys per step: recompute p, dS; dq, and the bias gradient
+    as diagonal sums of each (BM x BN) dS tile, folded with tl.gather and added atomically into one partial
+    row per (b, h, chunk));
+    kernel dk/dv (per block of BN keys, BM queries per step: queries of the own chunk at or after the key and
+    all queries of the next chunk, plus dSum[r + 2] gathered at the key's code), storing in the input dtype.
+Tile sizes: KernelConfig's fwd_block_m/n, dq_block_m/n and dkdv_block_n/m (16..128, default 64; a tile that
+does not divide the chunk size runs at the largest power of two that does); the delta and cache kernels step
+over 64 queries. The codebook is padded with empty codes to a multiple of the code steps (and of 64).
 With a state (pos % C == 0) the forward and dq kernels read the state's previous chunk in place, as
 separate (B, H, C, D) tensors, for chunk 0 (no copy of the keys/values; the dk/dv kernel reads only this
 call's keys), and the state's cache seeds the prefix sums; the new state is built exactly as the reference.
@@ -53,7 +57,9 @@ from lm.ops.vq_attention_ref import VQAttentionState, check_inputs, local_bias
 LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _SUPPORTED_DIMS = (16, 32, 64, 128)
-BLK = 64  # key / code block and the dq kernel's square tile; chunk_size must be a multiple of it
+BLK = 64  # chunk_size must be a multiple of it; the default tile, the delta and cache kernels' query block
+TILES = (16, 32, 64, 128)
+"""The allowed tile sizes (KernelConfig.*_block_m / *_block_n)."""
 
 
 
@@ -66,18 +72,59 @@ class KernelConfig:
     stages: int = 3
     bias_grad: Literal["gather", "atomic", "skip"] = "gather"
     """How the dq kernel sums the bias gradient: gather = diagonal sums of each dS tile by tl.gather, then
-    2 x BLK atomics per tile; atomic = one atomic per tile element; skip = none (timing breakdowns only: the
-    bias gets a WRONG, zero gradient). A gather launch that fails to compile falls back to atomic for that
-    call, with a warning."""
+    2 x max(dq_block_m, dq_block_n) atomics per tile; atomic = one atomic per tile element; skip = none (timing
+    breakdowns only: the bias gets a WRONG, zero gradient). A gather launch that fails to compile falls back to
+    atomic for that call, with a warning."""
     cache_block: int = 0
     """Codes per program of the backward's cache kernel (16, 32 or 64), which walks every chunk for its code
     block; 0 = auto: 64, halved (down to 16) while the grid has fewer than two programs per multiprocessor."""
+    fwd_block_m: int = 64
+    """Queries per program of the forward kernel."""
+    fwd_block_n: int = 64
+    """Keys / codes per inner step of the forward kernel."""
+    dq_block_m: int = 64
+    """Queries per program of the backward's dq kernel."""
+    dq_block_n: int = 64
+    """Keys / codes per inner step of the dq kernel."""
+    dkdv_block_n: int = 64
+    """Keys per program of the backward's dk/dv kernel."""
+    dkdv_block_m: int = 64
+    """Queries per inner step of the dk/dv kernel.
+
+    Every tile size is one of TILES. A tile that does not divide chunk_size runs at the largest power of two
+    that does (at least 64, chunk sizes being multiples of 64): 128 runs as 64 at chunk_size 192."""
 
 
 CONFIG = KernelConfig(bias_grad="gather" if hasattr(tl, "gather") else "atomic")
 """The settings every call uses unless it passes its own (gather where this Triton has tl.gather)."""
 _BIAS_GRAD_MODES = {"atomic": 0, "gather": 1, "skip": 2}  # the kernels' GATHER constexpr
 _CACHE_BLOCKS = (0, 16, 32, 64)
+_TILE_FIELDS = ("fwd_block_m", "fwd_block_n", "dq_block_m", "dq_block_n", "dkdv_block_n", "dkdv_block_m")
+
+
+def check_config(config: KernelConfig) -> None:
+    """ValueError naming the first KernelConfig field with a value the kernels do not take."""
+    if config.bias_grad not in _BIAS_GRAD_MODES:
+        raise ValueError(f"KernelConfig.bias_grad must be one of {tuple(_BIAS_GRAD_MODES)}, got {config.bias_grad!r}")
+    if config.cache_block not in _CACHE_BLOCKS:
+        raise ValueError(f"KernelConfig.cache_block must be one of {_CACHE_BLOCKS}, got {config.cache_block!r}")
+    for name in _TILE_FIELDS:
+        value = getattr(config, name)
+        if type(value) is not int or value not in TILES:
+            raise ValueError(f"KernelConfig.{name} must be one of {TILES}, got {value!r}")
+    for name in ("fwd_warps", "bwd_warps"):
+        value = getattr(config, name)
+        if type(value) is not int or value not in (1, 2, 4, 8, 16):
+            raise ValueError(f"KernelConfig.{name} must be one of (1, 2, 4, 8, 16), got {value!r}")
+    if type(config.stages) is not int or config.stages < 1:
+        raise ValueError(f"KernelConfig.stages must be an integer >= 1, got {config.stages!r}")
+
+
+def tiles_for(config: KernelConfig, chunk_size: int) -> dict[str, int]:
+    """The tile sizes the kernels run at for this chunk size: each KernelConfig tile field, capped at the largest
+    power of two dividing chunk_size (a multiple of 64)."""
+    cap = chunk_size & -chunk_size
+    return {name: min(getattr(config, name), cap) for name in _TILE_FIELDS}
 
 
 def _bias_base2(bias: Tensor) -> Tensor:
@@ -176,8 +223,8 @@ def _fwd_kernel(Q, K, V, PK, PV, CB, LOGN, UBAR, BIAS, O, LSE,
         k = tl.load(kp_base + j[:, None] * kp_st + dk[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if HAS_BIAS:
-            base = mb * BM + C - j0
-            if base - (BM - 1) <= C:  # some pair of the tile inside the window
+            base = mb * BM + C - j0  # distance of the tile's pair (first query, first key)
+            if base - (BN - 1) <= C:  # some pair of the tile inside the window (smallest: last key)
                 s += _bias_at(BIAS, h, i_loc[:, None] + C - j[None, :], C)
         vv = tl.load(vp_base + j[:, None] * vp_st + dv[None, :])
         m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, vv, PREC)
@@ -205,21 +252,51 @@ def _fwd_kernel(Q, K, V, PK, PV, CB, LOGN, UBAR, BIAS, O, LSE,
 
 
 @triton.jit
-def _accum_bias(ptr, ds, base, C: tl.constexpr, BL: tl.constexpr, GATHER: tl.constexpr):
-    """dbias[base + (i - j)] += ds[i, j] for a (BL x BL) tile (entries outside the window are zero)."""
-    ii = tl.arange(0, BL)[:, None]
-    tt = tl.arange(0, BL)[None, :]
+def _accum_bias(ptr, ds, base, C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GATHER: tl.constexpr):
+    """dbias[base + (i - j)] += ds[i, j] for a (BM x BN) tile, rows i, columns j (entries outside the window are
+    zero).
+
+    GATHER == 1: the tile's diagonal sums, 2 x max(BM, BN) atomics. BM >= BN: x[i, t] = ds[i, (i - t) mod BN]
+    (tl.gather along the columns); with i = a * BN + i', entry (i, t) has distance i - j = a * BN + t when i' >= t,
+    else a * BN + t - BN, so per (a, t) the sum over i' >= t goes to the first distance and the sum over i' < t to
+    the second. BM < BN, the same along the rows: x[s, j] = ds[(j + s) mod BM, j]; with j = b * BM + j', entry
+    (s, j) has distance s - b * BM when j' + s < BM, else s - b * BM - BM.
+    GATHER == 0: one atomic per tile element."""
     if GATHER == 1:
-        x = tl.gather(ds, (ii - tt + BL) % BL, axis=1)  # x[i, t] = ds[i, (i - t) mod BL]
-        t = tl.arange(0, BL)
-        lower = tl.sum(tl.where(ii >= tt, x, 0.0), axis=0)  # i - j = t
-        upper = tl.sum(tl.where(ii < tt, x, 0.0), axis=0)  # i - j = t - BL
-        d_lo = base + t
-        d_up = base + t - BL
+        if BM == BN:
+            ii = tl.arange(0, BM)[:, None]
+            tt = tl.arange(0, BN)[None, :]
+            x = tl.gather(ds, (ii - tt + BN) % BN, axis=1)  # x[i, t] = ds[i, (i - t) mod BN]
+            lower = tl.sum(tl.where(ii >= tt, x, 0.0), axis=0)  # distance t
+            upper = tl.sum(tl.where(ii < tt, x, 0.0), axis=0)  # distance t - BN
+            d_lo = base + tl.arange(0, BN)
+            d_up = d_lo - BN
+        elif BM > BN:
+            A: tl.constexpr = BM // BN
+            ii = tl.arange(0, BM)[:, None]
+            tt = tl.arange(0, BN)[None, :]
+            x = tl.reshape(tl.gather(ds, (ii - tt + BN) % BN, axis=1), (A, BN, BN))  # x[a, i', t]
+            i3 = tl.arange(0, BN)[None, :, None]
+            t3 = tl.arange(0, BN)[None, None, :]
+            lower = tl.sum(tl.where(i3 >= t3, x, 0.0), axis=1)  # (A, BN): distance a * BN + t
+            upper = tl.sum(tl.where(i3 < t3, x, 0.0), axis=1)  # distance a * BN + t - BN
+            d_lo = base + tl.arange(0, A)[:, None] * BN + tl.arange(0, BN)[None, :]
+            d_up = d_lo - BN
+        else:
+            A: tl.constexpr = BN // BM
+            ss = tl.arange(0, BM)[:, None]
+            jj = tl.arange(0, BN)[None, :]
+            x = tl.reshape(tl.gather(ds, (jj + ss) % BM, axis=0), (BM, A, BM))  # x[s, b, j']
+            s3 = tl.arange(0, BM)[:, None, None]
+            j3 = tl.arange(0, BM)[None, None, :]
+            lower = tl.sum(tl.where(j3 + s3 < BM, x, 0.0), axis=2)  # (BM, A): distance s - b * BM
+            upper = tl.sum(tl.where(j3 + s3 >= BM, x, 0.0), axis=2)  # distance s - b * BM - BM
+            d_lo = base + tl.arange(0, BM)[:, None] - tl.arange(0, A)[None, :] * BM
+            d_up = d_lo - BM
         tl.atomic_add(ptr + d_lo, lower, mask=(d_lo >= 0) & (d_lo <= C), sem="relaxed")
         tl.atomic_add(ptr + d_up, upper, mask=(d_up >= 0) & (d_up <= C), sem="relaxed")
     elif GATHER == 0:
-        d = base + ii - tt
+        d = base + tl.arange(0, BM)[:, None] - tl.arange(0, BN)[None, :]
         tl.atomic_add(ptr + d, ds, mask=(d >= 0) & (d <= C), sem="relaxed")
 
 
@@ -229,27 +306,27 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DB
                    s_pkb, s_pkt, s_pkh, s_pvb, s_pvt, s_pvh, s_db, s_dt, s_dh,
                    T, H, R, qk_scale, sm_scale,
                    HAS_BIAS: tl.constexpr, HAS_PREV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
-                   DK: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
+                   DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
                    GATHER: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    NMB: tl.constexpr = C // BL
+    NMB: tl.constexpr = C // BM
     r = pid_m // NMB
     mb = pid_m % NMB
-    i0 = mb * BL
-    i_loc = i0 + tl.arange(0, BL)
+    i0 = mb * BM
+    i_loc = i0 + tl.arange(0, BM)
     q_pos = r * C + i_loc
     q_ok = q_pos < T
     dk = tl.arange(0, DK)
     dv = tl.arange(0, DV)
-    offs_n = tl.arange(0, BL)
+    offs_n = tl.arange(0, BN)
     q = tl.load(Q + b * s_qb + h * s_qh + q_pos[:, None] * s_qt + dk[None, :], mask=q_ok[:, None], other=0.0)
     do = tl.load(DO + b * s_db + h * s_dh + q_pos[:, None] * s_dt + dv[None, :], mask=q_ok[:, None], other=0.0)
     lse = tl.load(LSE + bh * (R * C) + q_pos)
     delta = tl.load(DELTA + bh * (R * C) + q_pos)
-    dq = tl.zeros([BL, DK], tl.float32)
+    dq = tl.zeros([BM, DK], tl.float32)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     db_ptr = DBIAS + (bh * R + r) * (C + 1)  # partial row of this (b, h, chunk)
@@ -257,7 +334,7 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DB
     cb_base = CB + h * S * DK
     ln_base = LOGN + (bh * R + r) * S
     u_base = UBAR + (bh * R + r) * S * DV
-    for s0 in range(0, S, BL):
+    for s0 in range(0, S, BN):
         c = tl.load(cb_base + (s0 + offs_n)[:, None] * DK + dk[None, :])
         s = tl.dot(q, tl.trans(c), input_precision=PREC) * qk_scale + tl.load(ln_base + s0 + offs_n)[None, :]
         p = tl.exp2(s - lse[:, None])
@@ -268,7 +345,7 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DB
 
     n_prev, kp_base, kp_st, vp_base, vp_st = _prev_chunk(K, V, PK, PV, b, h, r, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
                                                          s_pkb, s_pkt, s_pkh, s_pvb, s_pvt, s_pvh, HAS_PREV, C)
-    for j0 in range(0, n_prev, BL):
+    for j0 in range(0, n_prev, BN):
         j = j0 + offs_n
         k = tl.load(kp_base + j[:, None] * kp_st + dk[None, :])
         vv = tl.load(vp_base + j[:, None] * vp_st + dv[None, :])
@@ -276,19 +353,19 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DB
         d = i_loc[:, None] + C - j[None, :]
         win = d <= C
         if HAS_BIAS:
-            if j0 + BL > i0:
+            if j0 + BN > i0:  # some key j >= some query i: distance <= C
                 s += _bias_at(BIAS, h, d, C)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         if HAS_BIAS:
-            if j0 + BL > i0:
-                _accum_bias(db_ptr, tl.where(win, ds, 0.0), i0 + C - j0, C, BL, GATHER)
+            if j0 + BN > i0:  # some key j >= some query i: distance <= C
+                _accum_bias(db_ptr, tl.where(win, ds, 0.0), i0 + C - j0, C, BM, BN, GATHER)
 
     ko = r * C
-    hi = tl.minimum(i0 + BL, T - r * C)
-    for j0 in range(0, hi, BL):
+    hi = tl.minimum(i0 + BM, T - r * C)
+    for j0 in range(0, hi, BN):
         j = j0 + offs_n
         k_ok = (r * C + j) < T
         k = tl.load(k_base + (ko + j)[:, None] * s_kt + dk[None, :], mask=k_ok[:, None], other=0.0)
@@ -303,7 +380,7 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, CB, LOGN, UBAR, BIAS, DO, LSE, DELTA, DQ, DB
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         if HAS_BIAS:
-            _accum_bias(db_ptr, ds, i0 - j0, C, BL, GATHER)
+            _accum_bias(db_ptr, ds, i0 - j0, C, BM, BN, GATHER)
 
     dq = dq * sm_scale
     tl.store(DQ + b * s_qb + h * s_qh + q_pos[:, None] * s_qt + dk[None, :], dq.to(DQ.dtype.element_ty),
@@ -560,7 +637,8 @@ class _FusedVQAttention(torch.autograd.Function):
         out = torch.empty(B, T, H, Dv, dtype=v.dtype, device=q.device)
         lse = torch.empty(B * H, R * C, dtype=torch.float32, device=q.device)
         prec = _grid_cfg(q.dtype)
-        bm = BLK
+        tiles = tiles_for(cfg, C)
+        bm = tiles["fwd_block_m"]
         grid = (R * (C // bm), B * H)
         _fwd_kernel[grid](
             q, k_hat, v, pk, pv, cb, logn, ubar, bt, out, lse,
@@ -568,8 +646,8 @@ class _FusedVQAttention(torch.autograd.Function):
             v.stride(0), v.stride(1), v.stride(2), *_prev_strides(pk, pv, has_prev),
             out.stride(0), out.stride(1), out.stride(2),
             T, H, R, scale * LOG2E,
-            HAS_BIAS=bias is not None, HAS_PREV=has_prev, C=C, S=Sp, DK=Dk, DV=Dv, BM=bm, BN=BLK, PREC=prec,
-            num_warps=cfg.fwd_warps, num_stages=cfg.stages)
+            HAS_BIAS=bias is not None, HAS_PREV=has_prev, C=C, S=Sp, DK=Dk, DV=Dv, BM=bm, BN=tiles["fwd_block_n"],
+            PREC=prec, num_warps=cfg.fwd_warps, num_stages=cfg.stages)
         ctx.save_for_backward(q, k_hat, v, pk if has_prev else None, pv if has_prev else None, codes, cb, logn,
                               ubar, bt, out, lse, prev_codes, bias)
         ctx.meta = (C, scale, bias is not None, bias.dtype if bias is not None else None, cfg)
@@ -597,20 +675,21 @@ class _FusedVQAttention(torch.autograd.Function):
             T, H, R, C=C, DV=Dv, BM=BLK, num_warps=4)
         prec = _grid_cfg(q.dtype)
         nw, ns = cfg.bwd_warps, cfg.stages
+        tiles = tiles_for(cfg, C)
 
         dq = torch.empty_like(q)
         # bias gradient: one partial row per (b, h, chunk) (the atomics of a chunk's query blocks only
         # contend with each other), summed over b and chunks afterwards
         dbias = torch.zeros(B, H, R, C + 1, dtype=torch.float32, device=dev) if has_bias else bt
         def launch_dq(gather):
-            _bwd_dq_kernel[(R * (C // BLK), B * H)](
+            _bwd_dq_kernel[(R * (C // tiles["dq_block_m"]), B * H)](
                 q, k_hat, v, pk, pv, cb, logn, ubar, bt, do, lse, delta, dq, dbias,
                 q.stride(0), q.stride(1), q.stride(2), k_hat.stride(0), k_hat.stride(1), k_hat.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), *_prev_strides(pk, pv, has_prev),
                 do.stride(0), do.stride(1), do.stride(2),
                 T, H, R, scale * LOG2E, scale,
-                HAS_BIAS=has_bias, HAS_PREV=has_prev, C=C, S=Sp, DK=Dk, DV=Dv, BL=BLK, PREC=prec,
-                GATHER=gather, num_warps=nw, num_stages=ns)
+                HAS_BIAS=has_bias, HAS_PREV=has_prev, C=C, S=Sp, DK=Dk, DV=Dv, BM=tiles["dq_block_m"],
+                BN=tiles["dq_block_n"], PREC=prec, GATHER=gather, num_warps=nw, num_stages=ns)
 
         mode = _BIAS_GRAD_MODES[cfg.bias_grad] if has_bias else 0
         if mode == 1:
@@ -648,15 +727,15 @@ class _FusedVQAttention(torch.autograd.Function):
 
         gk = torch.empty(B, T, H, Dk, dtype=q.dtype, device=dev)
         gv = torch.empty(B, T, H, Dv, dtype=v.dtype, device=dev)
-        _bwd_dkdv_kernel[(R * (C // BLK), B * H)](
+        _bwd_dkdv_kernel[(R * (C // tiles["dkdv_block_n"]), B * H)](
             q, k_hat, v, bt, do, lse, delta, codes, dsum, gk, gv,
             q.stride(0), q.stride(1), q.stride(2), k_hat.stride(0), k_hat.stride(1), k_hat.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             codes.stride(0), codes.stride(1), codes.stride(2),
             gk.stride(0), gk.stride(1), gk.stride(2), gv.stride(0), gv.stride(1), gv.stride(2),
             T, H, R, scale * LOG2E, scale,
-            HAS_BIAS=has_bias, C=C, S=Sp, DK=Dk, DV=Dv, BN=BLK, BM=BLK, PREC=prec,
-            num_warps=nw, num_stages=ns)
+            HAS_BIAS=has_bias, C=C, S=Sp, DK=Dk, DV=Dv, BN=tiles["dkdv_block_n"],
+            BM=tiles["dkdv_block_m"], PREC=prec, num_warps=nw, num_stages=ns)
 
         dbias_out = dbias.sum((0, 2)).to(bias_dtype) if has_bias else None
         return (dq, gk, gv, dbias_out, g_prev_k, g_prev_v, g_cache) + (None,) * 8
@@ -692,15 +771,14 @@ def fused_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codeb
                        config: KernelConfig = CONFIG):
     """Drop-in for `chunked_vq_attention` on CUDA (see `supports`). Returns (out, new_state or None)."""
     check_inputs(q, k_hat, v, codes, codebook, chunk_size, bias)
-    if config.bias_grad not in _BIAS_GRAD_MODES:
-        raise ValueError(f"KernelConfig.bias_grad must be one of {tuple(_BIAS_GRAD_MODES)}, got {config.bias_grad!r}")
-    if config.cache_block not in _CACHE_BLOCKS:
-        raise ValueError(f"KernelConfig.cache_block must be one of {_CACHE_BLOCKS}, got {config.cache_block!r}")
+    check_config(config)
     B, T, H, Dk = q.shape
     Dv, S, C = v.shape[-1], codebook.shape[1], chunk_size
     if state is not None and state.pos % C != 0:
         raise ValueError("fused_vq_attention needs state.pos % chunk_size == 0; use the chunked implementation")
-    assert C % BLK == 0, f"chunk_size must be a multiple of {BLK}"
+    if C % BLK != 0:
+        raise ValueError(f"fused_vq_attention needs chunk_size a multiple of {BLK}, got {C}; use the chunked "
+                         "implementation")
     scale = Dk ** -0.5 if scale is None else float(scale)
     dt = q.dtype
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -709,7 +787,9 @@ def fused_vq_attention(q: Tensor, k_hat: Tensor, v: Tensor, codes: Tensor, codeb
     v = v if v.stride(-1) == 1 else v.contiguous()
     codes = codes.long().contiguous()
     R = max(1, math.ceil(T / C))
-    Sp = math.ceil(S / BLK) * BLK
+    tiles = tiles_for(config, C)
+    code_block = max(BLK, tiles["fwd_block_n"], tiles["dq_block_n"])  # the code loops' step divides Sp
+    Sp = math.ceil(S / code_block) * code_block
 
     with torch.no_grad():
         excl_cnt, excl_sum = cache_tables(codes, v.detach(), state, C, S, R)
@@ -763,4 +843,4 @@ def _new_state(k_hat, v, codes, state, excl_cnt, excl_sum, C, R):
     return st.detach()
 
 
-__all__ = ["supports", "fused_vq_attention", "KernelConfig", "CONFIG"]
+__all__ = ["supports", "fused_vq_attention", "KernelConfig", "CONFIG", "TILES", "check_config", "tiles_for"]

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # test module -> how many of its tests must have run (not skipped) under the interpreter
 MODULES = {
-    "tests/ops/test_vq_attention_fused.py": 20,
+    "tests/ops/test_vq_attention_fused.py": 34,
     "tests/ops/test_ema_scan.py": 18,
     "tests/ops/test_vq_quantize.py": 19,
     "tests/ops/test_linear_ce_fused.py": 27,

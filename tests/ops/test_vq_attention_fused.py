@@ -184,8 +184,8 @@ def test_supports_and_fallback():
     assert rel(out, ref) <= 1e-4
 
 
-def check_state_gradients(T, config=fz.CONFIG):
-    B, H, Dk, Dv, S, C = 2, 2, 32, 16, 96, 64
+def check_state_gradients(T, config=fz.CONFIG, C=64):
+    B, H, Dk, Dv, S = 2, 2, 32, 16, 96
     q, k_hat, v, codes, cb, bias = make_inputs(B, T, H, Dk, Dv, S, C, torch.float32, True, seed=11)
     g = torch.Generator(device=DEVICE).manual_seed(12)
     prev_codes = torch.randint(0, S, (B, H, C), device=DEVICE, generator=g)
@@ -223,8 +223,59 @@ def test_cache_gradient_with_smaller_code_blocks(cache_block):
     check_state_gradients(4 * 64 + 7, dataclasses.replace(fz.CONFIG, cache_block=cache_block))
 
 
-def test_config_is_checked():
+@pytest.mark.parametrize("field,value", [("cache_block", 8), ("bias_grad", "tiles"), ("fwd_block_m", 256),
+                                         ("fwd_block_n", 8), ("dq_block_m", 48), ("dq_block_n", 64.0),
+                                         ("dkdv_block_n", 0), ("dkdv_block_m", 512)])
+def test_config_is_checked(field, value):
     q, k_hat, v, codes, cb, bias = make_inputs(1, 64, 1, 16, 16, 64, 64, torch.float32, False)
-    with pytest.raises(ValueError, match="cache_block"):
+    with pytest.raises(ValueError, match=f"KernelConfig.{field} must be one of"):
         fz.fused_vq_attention(q, k_hat, v, codes, cb, chunk_size=64,
-                              config=dataclasses.replace(fz.CONFIG, cache_block=8))
+                              config=dataclasses.replace(fz.CONFIG, **{field: value}))
+
+
+def test_tiles_are_capped_by_the_chunk_size():
+    config = dataclasses.replace(fz.CONFIG, fwd_block_m=128, fwd_block_n=32, dq_block_m=128, dq_block_n=128,
+                                 dkdv_block_n=16, dkdv_block_m=128)
+    assert fz.tiles_for(config, 256) == dict(fwd_block_m=128, fwd_block_n=32, dq_block_m=128, dq_block_n=128,
+                                             dkdv_block_n=16, dkdv_block_m=128)
+    assert fz.tiles_for(config, 192) == dict(fwd_block_m=64, fwd_block_n=32, dq_block_m=64, dq_block_n=64,
+                                             dkdv_block_n=16, dkdv_block_m=64)
+    assert set(fz.tiles_for(fz.CONFIG, 512).values()) == {64}  # the default: 64 x 64 tiles
+
+
+# rectangular tiles: (fwd_block_m, fwd_block_n, dq_block_m, dq_block_n, dkdv_block_n, dkdv_block_m)
+TILE_CASES = {
+    "hopper_dq128x32": (128, 64, 128, 32, 128, 32),
+    "hopper_dq128x64": (128, 128, 128, 64, 128, 64),
+    "wide_keys": (64, 128, 32, 128, 32, 128),  # more keys than queries per tile: the BM < BN paths
+}
+
+
+def tile_config(tiles, bias_grad):
+    names = ("fwd_block_m", "fwd_block_n", "dq_block_m", "dq_block_n", "dkdv_block_n", "dkdv_block_m")
+    return dataclasses.replace(fz.CONFIG, bias_grad=bias_grad, fwd_warps=8, bwd_warps=8, **dict(zip(names, tiles)))
+
+
+@pytest.mark.parametrize("tiles,bias_grad,C", [
+    ("hopper_dq128x32", "gather", 128), ("hopper_dq128x64", "atomic", 128), ("wide_keys", "gather", 128),
+    ("hopper_dq128x32", "gather", 192),  # 128 does not divide C: those tiles run at 64
+], ids=lambda x: str(x))
+def test_rectangular_tiles_match_reference(tiles, bias_grad, C):
+    """Every kernel with (BM x BN) tiles, BM != BN both ways, and both dbias paths: the output and the gradients
+    of q, k, v and bias equal the reference's (odd length, S = 96 padded to the code step, T past 2 chunks)."""
+    B, T, H, Dk, Dv, S = 1, 3 * C + 5, 2, 16, 32, 96
+    q, k_hat, v, codes, cb, bias = make_inputs(B, T, H, Dk, Dv, S, C, torch.float32, True, seed=7)
+    grad = torch.randn(B, T, H, Dv, device=DEVICE)
+    ref = run(chunked_vq_attention, q, k_hat, v, codes, cb, bias, C, grad)
+    fused = functools.partial(fz.fused_vq_attention, config=tile_config(TILE_CASES[tiles], bias_grad))
+    got = run(fused, q, k_hat, v, codes, cb, bias, C, grad)
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], got, ref):
+        err = rel(a, b)
+        assert err <= TOL[torch.float32], f"{name}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("tiles,bias_grad", [("hopper_dq128x32", "gather"), ("wide_keys", "atomic")])
+def test_rectangular_tiles_with_an_incoming_state(tiles, bias_grad):
+    """Chunk 0 reads the state's previous chunk with rectangular tiles; the state's tensors get the reference's
+    gradients."""
+    check_state_gradients(2 * 128 + 7, tile_config(TILE_CASES[tiles], bias_grad), C=128)
