@@ -6,6 +6,11 @@ per call (B = tokens / T, at least 1), median of `triton.testing.do_bench`. Prin
 JSON to --json. The method is lm.bench.vq_attention.
 
     python -m evals.bench_vq_attention --json evals/results/vq_attention_kernel_h200.json
+
+--sweep first times the kernel's parts and launch settings (warps, stages, tile sizes; lm.bench.vq_attention.
+config_sweep) at context --sweep-context, C = the first of --chunks; --sweep-only stops after it:
+
+    python -m evals.bench_vq_attention --sweep-only --skip-check --dv 128 --chunks 512
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--chunks", type=positive_ints, default="512,256")
     ap.add_argument("--codebook", type=int, default=512)
     ap.add_argument("--no-ref", action="store_true", help="skip timing the chunked PyTorch reference")
-    ap.add_argument("--sweep", action="store_true", help="sweep fused kernel configs at 8K first")
+    ap.add_argument("--sweep", action="store_true", help="sweep fused kernel configs first")
+    ap.add_argument("--sweep-only", action="store_true", help="the sweep alone (no context rows)")
+    ap.add_argument("--sweep-context", type=int, default=8192, help="context length of the sweep")
     ap.add_argument("--skip-check", action="store_true")
     args = ap.parse_args(argv)
-    if min(args.tokens, args.heads, args.dk, args.dv, args.codebook) < 1:
-        ap.error("--tokens, --heads, --dk, --dv and --codebook must be >= 1")
+    if min(args.tokens, args.heads, args.dk, args.dv, args.codebook, args.sweep_context) < 1:
+        ap.error("--tokens, --heads, --dk, --dv, --codebook and --sweep-context must be >= 1")
     return args
 
 
@@ -68,19 +75,23 @@ def main(argv=None) -> int:
                   f"{'OK' if r['ok'] else 'FAIL'}", flush=True)
         if not all(r["ok"] for r in result["check"]):
             print("CORRECTNESS CHECK FAILED", flush=True)
-    if args.sweep:  # breakdown and a small config sweep at 8K, C = chunks[0]
-        result["sweep_8k"] = vb.config_sweep(shape, args.tokens, 8192, args.chunks[0], device)
-        for r in result["sweep_8k"]:
-            print("sweep", r, flush=True)
-    rows = []
-    for T in args.contexts:
-        torch.cuda.empty_cache()
-        rows.append(vb.context_row(shape, T, args.tokens, args.chunks, device, with_reference=not args.no_ref))
-        print(json.dumps(rows[-1]), flush=True)
-    result["rows"] = rows
-    result["layout"] = {"H": shape.H, "Dk": shape.Dk, "Dv": shape.Dv, "S": shape.S, "chunks": args.chunks,
-                        "dtype": "bfloat16", "bias": True, "timing": "fwd+bwd, median of triton.testing.do_bench"}
-    print("\n" + "\n".join(vb.summary_table(rows, args.chunks, with_reference=not args.no_ref)))
+    if args.sweep or args.sweep_only:  # breakdown and a small config sweep, C = chunks[0]
+        result["sweep_context"] = args.sweep_context
+        result["sweep"] = vb.config_sweep(shape, args.tokens, args.sweep_context, args.chunks[0], device)
+        for r in result["sweep"]:
+            ms = "failed" if r["ms"] is None else f"{r['ms']:.2f} ms"
+            print(f"sweep {ms:>9s}  {r['note']}  {r['changes']}", flush=True)
+    if not args.sweep_only:
+        rows = []
+        for T in args.contexts:
+            torch.cuda.empty_cache()
+            rows.append(vb.context_row(shape, T, args.tokens, args.chunks, device, with_reference=not args.no_ref))
+            print(json.dumps(rows[-1]), flush=True)
+        result["rows"] = rows
+        result["layout"] = {"H": shape.H, "Dk": shape.Dk, "Dv": shape.Dv, "S": shape.S, "chunks": args.chunks,
+                            "dtype": "bfloat16", "bias": True,
+                            "timing": "fwd+bwd, median of triton.testing.do_bench"}
+        print("\n" + "\n".join(vb.summary_table(rows, args.chunks, with_reference=not args.no_ref)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

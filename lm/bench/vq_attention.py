@@ -32,6 +32,35 @@ CHECK_CASES = ((2, 64 * 3 + 5, 3, 64, 32, 128, 64), (1, 512 * 3 + 77, 2, 64, 64,
 """(B, T, H, Dk, Dv, S, C) shapes of the correctness check."""
 CHECK_DTYPES = ((torch.float32, 1e-4), (torch.bfloat16, 2e-2))
 """(dtype, tolerance on the relative error of the output and every gradient)."""
+TILE_SWEEP = (
+    # each kernel's tiles alone (the others at 64 x 64)
+    dict(fwd_block_m=128, fwd_block_n=64),
+    dict(fwd_block_m=128, fwd_block_n=64, fwd_warps=8),
+    dict(fwd_block_m=128, fwd_block_n=128, fwd_warps=8),
+    dict(bwd_warps=8),
+    dict(dq_block_m=128, dq_block_n=32),
+    dict(dq_block_m=128, dq_block_n=32, bwd_warps=8),
+    dict(dq_block_m=128, dq_block_n=64, bwd_warps=8),
+    dict(dkdv_block_n=128, dkdv_block_m=32),
+    dict(dkdv_block_n=128, dkdv_block_m=32, bwd_warps=8),
+    dict(dkdv_block_n=128, dkdv_block_m=64, bwd_warps=8),
+    # combinations
+    dict(dq_block_m=128, dq_block_n=32, dkdv_block_n=128, dkdv_block_m=32, bwd_warps=8, stages=2),
+    dict(dq_block_m=128, dq_block_n=64, dkdv_block_n=128, dkdv_block_m=64, bwd_warps=8, stages=2),
+    dict(fwd_block_m=128, fwd_block_n=64, fwd_warps=8, dq_block_m=128, dq_block_n=32, dkdv_block_n=128,
+         dkdv_block_m=32, bwd_warps=8),
+    dict(fwd_block_m=128, fwd_block_n=64, fwd_warps=8, dq_block_m=128, dq_block_n=64, dkdv_block_n=128,
+         dkdv_block_m=64, bwd_warps=8),
+    dict(fwd_block_m=128, fwd_block_n=64, fwd_warps=8, dq_block_m=128, dq_block_n=32, dkdv_block_n=128,
+         dkdv_block_m=64, bwd_warps=8, stages=2),
+    dict(fwd_block_m=128, fwd_block_n=128, fwd_warps=8, dq_block_m=128, dq_block_n=64, dkdv_block_n=128,
+         dkdv_block_m=64, bwd_warps=8, stages=2),
+    dict(fwd_block_m=128, fwd_block_n=64, fwd_warps=8, dq_block_m=128, dq_block_n=32, dkdv_block_n=128,
+         dkdv_block_m=32, bwd_warps=8, bias_grad="atomic"),
+)
+"""KernelConfig changes (on top of CONFIG) the tile rows of `config_sweep` time, fwd+bwd with bias: each kernel's
+tiles alone with 4 and 8 warps, then whole-kernel combinations (bwd_warps and stages apply to every backward
+kernel)."""
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -111,10 +140,11 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def config_sweep(shape: AttentionShape, tokens: int, T: int, C: int, device: torch.device,
-                 dtype=torch.bfloat16) -> list[dict]:
+                 dtype=torch.bfloat16, tiles: Iterable[dict] = TILE_SWEEP) -> list[dict]:
     """Time the kernel's parts (cache tables alone, forward with and without bias, forward+backward per bias-gradient
-    strategy) and a few warp/stage settings at context T, chunk C. One row per setting: the KernelConfig fields, a
-    note and ms (None where the setting fails to compile)."""
+    strategy), a few warp/stage settings and the tile settings `tiles` (KernelConfig changes, forward+backward with
+    bias) at context T, chunk C. One row per setting: the KernelConfig fields, changes (the fields that differ from
+    CONFIG), a note and ms (None where the setting fails to compile or is refused)."""
     B = max(1, tokens // T)
     q, k, v, codes, cb, bias = attention_inputs(B, T, shape, C, dtype, device)
     grad = torch.randn(B, T, shape.H, shape.Dv, device=device, dtype=dtype)
@@ -127,7 +157,7 @@ def config_sweep(shape: AttentionShape, tokens: int, T: int, C: int, device: tor
         except Exception as e:  # noqa: BLE001  (a setting that fails to compile: recorded as None)
             ms = None
             note = f"{note} (failed: {e!r:.200})"
-        rows.append(dict(dataclasses.asdict(config), note=note, ms=ms))
+        rows.append(dict(dataclasses.asdict(config), changes=changes, note=note, ms=ms))
 
     def fwd_bwd(b):
         return lambda config: lambda: forward_backward(fz.fused_vq_attention, q, k, v, codes, cb, b, C, grad,
@@ -150,6 +180,8 @@ def config_sweep(shape: AttentionShape, tokens: int, T: int, C: int, device: tor
         timed(f"fwd+bwd, bias, bias_grad={bias_grad}", fwd_bwd(bias), bias_grad=bias_grad)
     for fw, bw, st in ((8, 4, 2), (4, 8, 2), (4, 4, 3), (4, 4, 4)):
         timed("fwd+bwd, bias", fwd_bwd(bias), fwd_warps=fw, bwd_warps=bw, stages=st)
+    for changes in tiles:
+        timed("fwd+bwd, bias, tiles", fwd_bwd(bias), **changes)
     return rows
 
 
@@ -231,4 +263,4 @@ def summary_table(rows: list[dict], chunks: list[int], with_reference: bool = Tr
 
 
 __all__ = ["AttentionShape", "CHECK_CASES", "CHECK_DTYPES", "SDPA_BACKENDS", "attention_inputs", "forward_backward",
-           "check_fused", "vq_flops", "sdpa_flops", "config_sweep", "context_row", "summary_table"]
+           "check_fused", "vq_flops", "sdpa_flops", "TILE_SWEEP", "config_sweep", "context_row", "summary_table"]

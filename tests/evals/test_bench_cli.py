@@ -13,7 +13,7 @@ from evals import bench_kernels, bench_vq_attention
     (bench_kernels, ["--contexts", "8192,0"], "argument --contexts: '8192,0': every value must be >= 1"),
     (bench_kernels, ["--tokens", "0"], "--tokens must be >= 1"),
     (bench_vq_attention, ["--chunks", "512,x"], "argument --chunks: '512,x' is not a comma-separated list"),
-    (bench_vq_attention, ["--heads", "0"], "--tokens, --heads, --dk, --dv and --codebook must be >= 1"),
+    (bench_vq_attention, ["--heads", "0"], "--tokens, --heads, --dk, --dv, --codebook and --sweep-context must be >= 1"),
 ], ids=lambda x: x.__name__.split(".")[-1] if hasattr(x, "__name__") else None)
 def test_bad_arguments_are_usage_errors(cli, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

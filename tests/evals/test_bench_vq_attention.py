@@ -46,10 +46,18 @@ def test_context_row_and_table():
 @pytest.mark.gpu
 @pytest.mark.triton_interpret
 def test_config_sweep_times_every_setting():
-    rows = vb.config_sweep(SHAPE, 128, 128, 64, DEVICE, dtype=DTYPE)
-    assert len(rows) == 11 and all({"note", "ms", "fwd_warps", "bias_grad"} <= r.keys() for r in rows)
+    tiles = (*vb.TILE_SWEEP, dict(dq_block_m=48))  # the last one refused: recorded as None
+    rows = vb.config_sweep(SHAPE, 128, 128, 64, DEVICE, dtype=DTYPE, tiles=tiles)
+    assert len(rows) == 11 + len(tiles)
+    assert all({"note", "ms", "changes", "fwd_warps", "bias_grad", "dq_block_m", "dkdv_block_n"} <= r.keys()
+               for r in rows)
     assert rows[0]["note"] == "glue: cache tables only" and rows[0]["ms"] > 0
     assert all(r["ms"] is None or r["ms"] > 0 for r in rows)
+    tile_rows = rows[11:-1]
+    assert [r["changes"] for r in tile_rows] == list(vb.TILE_SWEEP)
+    assert all(r[k] == v for r in tile_rows for k, v in r["changes"].items())
+    assert all(r["ms"] is not None for r in tile_rows)  # every tile setting runs (at C = 64: capped to 64)
+    assert rows[-1]["ms"] is None and "KernelConfig.dq_block_m must be one of" in rows[-1]["note"]
 
 
 def test_flop_counts():
