@@ -33,34 +33,24 @@ CHECK_CASES = ((2, 64 * 3 + 5, 3, 64, 32, 128, 64), (1, 512 * 3 + 77, 2, 64, 64,
 CHECK_DTYPES = ((torch.float32, 1e-4), (torch.bfloat16, 2e-2))
 """(dtype, tolerance on the relative error of the output and every gradient)."""
 TILE_SWEEP = (
-    # each kernel's tiles alone (the others at 64 x 64)
-    dict(fwd_block_m=128, fwd_block_n=64),
+    dict(fwd_block_n=64, dq_block_n=64, dkdv_block_m=64),  # 64 x 64 tiles everywhere
+    dict(stages=2),
+    dict(stages=4),
+    dict(fwd_block_n=64),
     dict(fwd_block_m=128, fwd_block_n=64, fwd_warps=8),
-    dict(fwd_block_m=128, fwd_block_n=128, fwd_warps=8),
-    dict(bwd_warps=8),
-    dict(dq_block_m=128, dq_block_n=32),
-    dict(dq_block_m=128, dq_block_n=32, bwd_warps=8),
-    dict(dq_block_m=128, dq_block_n=64, bwd_warps=8),
-    dict(dkdv_block_n=128, dkdv_block_m=32),
-    dict(dkdv_block_n=128, dkdv_block_m=32, bwd_warps=8),
-    dict(dkdv_block_n=128, dkdv_block_m=64, bwd_warps=8),
-    # combinations
-    dict(dq_block_m=128, dq_block_n=32, dkdv_block_n=128, dkdv_block_m=32, bwd_warps=8, stages=2),
-    dict(dq_block_m=128, dq_block_n=64, dkdv_block_n=128, dkdv_block_m=64, bwd_warps=8, stages=2),
-    dict(fwd_block_m=128, fwd_block_n=64, fwd_warps=8, dq_block_m=128, dq_block_n=32, dkdv_block_n=128,
-         dkdv_block_m=32, bwd_warps=8),
-    dict(fwd_block_m=128, fwd_block_n=64, fwd_warps=8, dq_block_m=128, dq_block_n=64, dkdv_block_n=128,
-         dkdv_block_m=64, bwd_warps=8),
-    dict(fwd_block_m=128, fwd_block_n=64, fwd_warps=8, dq_block_m=128, dq_block_n=32, dkdv_block_n=128,
-         dkdv_block_m=64, bwd_warps=8, stages=2),
-    dict(fwd_block_m=128, fwd_block_n=128, fwd_warps=8, dq_block_m=128, dq_block_n=64, dkdv_block_n=128,
-         dkdv_block_m=64, bwd_warps=8, stages=2),
-    dict(fwd_block_m=128, fwd_block_n=64, fwd_warps=8, dq_block_m=128, dq_block_n=32, dkdv_block_n=128,
-         dkdv_block_m=32, bwd_warps=8, bias_grad="atomic"),
+    dict(dq_block_n=64),
+    dict(dq_block_n=16),
+    dict(dq_block_m=32),
+    dict(dq_block_m=128, bwd_warps=8),
+    dict(dkdv_block_m=64),
+    dict(dkdv_block_m=16),
+    dict(dkdv_block_n=32),
+    dict(dkdv_block_n=128, bwd_warps=8),
+    dict(cache_block=32),
 )
-"""KernelConfig changes (on top of CONFIG) the tile rows of `config_sweep` time, fwd+bwd with bias: each kernel's
-tiles alone with 4 and 8 warps, then whole-kernel combinations (bwd_warps and stages apply to every backward
-kernel)."""
+"""KernelConfig changes (on top of CONFIG) the tile rows of `config_sweep` time, fwd+bwd with bias: 64 x 64 tiles
+everywhere, other stage counts, then one kernel's tiles at a time around the defaults (bwd_warps and stages apply
+to every backward kernel)."""
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 

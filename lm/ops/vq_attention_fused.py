@@ -65,7 +65,9 @@ TILES = (16, 32, 64, 128)
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch settings (lm.bench.vq_attention.config_sweep passes others to `fused_vq_attention`)."""
+    """Launch settings (lm.bench.vq_attention.config_sweep passes others to `fused_vq_attention`). The defaults are
+    the fastest forward+backward of that sweep on an H200 at the 125M shape (docs/benchmarks.md): 64-row tiles
+    stepping over 32 keys or queries, 4 warps, 3 stages."""
 
     fwd_warps: int = 4
     bwd_warps: int = 4
@@ -80,15 +82,15 @@ class KernelConfig:
     block; 0 = auto: 64, halved (down to 16) while the grid has fewer than two programs per multiprocessor."""
     fwd_block_m: int = 64
     """Queries per program of the forward kernel."""
-    fwd_block_n: int = 64
+    fwd_block_n: int = 32
     """Keys / codes per inner step of the forward kernel."""
     dq_block_m: int = 64
     """Queries per program of the backward's dq kernel."""
-    dq_block_n: int = 64
+    dq_block_n: int = 32
     """Keys / codes per inner step of the dq kernel."""
     dkdv_block_n: int = 64
     """Keys per program of the backward's dk/dv kernel."""
-    dkdv_block_m: int = 64
+    dkdv_block_m: int = 32
     """Queries per inner step of the dk/dv kernel.
 
     Every tile size is one of TILES. A tile that does not divide chunk_size runs at the largest power of two

@@ -240,13 +240,14 @@ def test_tiles_are_capped_by_the_chunk_size():
                                              dkdv_block_n=16, dkdv_block_m=128)
     assert fz.tiles_for(config, 192) == dict(fwd_block_m=64, fwd_block_n=32, dq_block_m=64, dq_block_n=64,
                                              dkdv_block_n=16, dkdv_block_m=64)
-    assert set(fz.tiles_for(fz.CONFIG, 512).values()) == {64}  # the default: 64 x 64 tiles
+    assert fz.tiles_for(fz.CONFIG, 512) == dict(fwd_block_m=64, fwd_block_n=32, dq_block_m=64, dq_block_n=32,
+                                                 dkdv_block_n=64, dkdv_block_m=32)  # the defaults
 
 
 # rectangular tiles: (fwd_block_m, fwd_block_n, dq_block_m, dq_block_n, dkdv_block_n, dkdv_block_m)
 TILE_CASES = {
     "hopper_dq128x32": (128, 64, 128, 32, 128, 32),
-    "hopper_dq128x64": (128, 128, 128, 64, 128, 64),
+    "hopper_dq128x64": (128, 64, 128, 64, 128, 64),
     "wide_keys": (64, 128, 32, 128, 32, 128),  # more keys than queries per tile: the BM < BN paths
 }
 
