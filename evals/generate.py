@@ -47,11 +47,12 @@ def _as_batch(prompt_ids: Union[Tensor, Sequence[int]], device) -> tuple[Tensor,
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
              generator: Optional[torch.Generator] = None, timings: Optional[dict] = None,
-             cuda_graph: bool = True) -> Tensor:
+             cuda_graph: bool = True, compile_step: bool = False) -> Tensor:
     """Prompt followed by `max_new_tokens` sampled ids, shaped like `prompt_ids` ((T,) or (B, T)).
 
     lm.engine.decoder.Decoder: a parallel prefill, then one token per step over a fixed-shape state (CUDA-graph
-    replayed on CUDA unless cuda_graph=False), under the caller's autocast dtype if autocast is on. `timings`,
+    replayed on CUDA unless cuda_graph=False; compile_step: the step through torch.compile, compiled during the
+    first steps), under the caller's autocast dtype if autocast is on. `timings`,
     if given, receives prefill_s / decode_s (synchronised on CUDA), the token counts and `cuda_graph`."""
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
@@ -63,7 +64,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
     dev = device.type
     amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     decoder = Decoder(model, temperature=temperature, top_k=top_k, generator=generator, autocast_dtype=amp,
-                      cuda_graph=cuda_graph)
+                      cuda_graph=cuda_graph, compile_step=compile_step)
     result = decoder.generate(ids, max_new_tokens, timings)
     return result[0] if squeeze else result
 
@@ -119,6 +120,9 @@ def parse_args(argv):
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--eager", action="store_true", help="decode without capturing the step in a CUDA graph")
+    p.add_argument("--compile", action="store_true",
+                   help="decode step through torch.compile: fewer kernels per token (docs/benchmarks.md); compiling "
+                        "takes tens of seconds first, so it pays off for long generations")
     p.add_argument("--untrained", action="store_true", help="sample a freshly initialised model of the same config")
     args = p.parse_args(argv)
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -148,7 +152,7 @@ def run(args) -> dict:
     timings: dict = {}
     with autocast:
         out = generate(model, torch.tensor(ids), args.max_new_tokens, args.temperature, args.top_k, gen, timings,
-                       cuda_graph=not args.eager)
+                       cuda_graph=not args.eager, compile_step=args.compile)
     new_ids = out[len(ids):].tolist()
     result = {
         "checkpoint": ckpt, "arch": cfg.model.arch, "device": str(device),

@@ -160,3 +160,21 @@ def test_cli_eager_flag_gives_the_same_text(tmp_path, capsys):
     first = capsys.readouterr().out
     assert gen.main(argv + ["--eager"]) == 0
     assert capsys.readouterr().out == first
+
+
+def test_cli_compile_flag_reaches_the_decoder(tmp_path, capsys, monkeypatch):
+    """--compile asks the Decoder for the compiled step (the compiled decode itself is checked against the eager
+    one on CUDA in tests/engine/test_decoder.py); without it the step stays eager."""
+    _write_checkpoint(tmp_path / "run", "longvq", steps=1)
+    seen = []
+
+    class Spy(gen.Decoder):
+        def __init__(self, *a, compile_step=False, **k):
+            seen.append(compile_step)
+            super().__init__(*a, compile_step=False, **k)  # keep the CPU test fast: the eager step
+
+    monkeypatch.setattr(gen, "Decoder", Spy)
+    argv = ["--checkpoint", str(tmp_path / "run"), "--prompt", "abc", "--max-new-tokens", "3", "--temperature", "0",
+            "--device", "cpu"]
+    assert gen.main(argv + ["--compile"]) == 0 and gen.main(argv) == 0
+    assert seen == [True, False]
