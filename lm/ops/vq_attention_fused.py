@@ -23,9 +23,9 @@ Design (FlashAttention-2 style, one online softmax per query over three parts):
     row per (b, h, chunk));
     kernel dk/dv (per block of BN keys, BM queries per step: queries of the own chunk at or after the key and
     all queries of the next chunk, plus dSum[r + 2] gathered at the key's code), storing in the input dtype.
-Tile sizes: KernelConfig's fwd_block_m/n, dq_block_m/n and dkdv_block_n/m (16..128, default 64; a tile that
-does not divide the chunk size runs at the largest power of two that does); the delta and cache kernels step
-over 64 queries. The codebook is padded with empty codes to a multiple of the code steps (and of 64).
+Tile sizes: KernelConfig's fwd_block_m/n, dq_block_m/n and dkdv_block_n/m (16..128; by default 64 rows stepping
+over 32 keys or queries; a tile that does not divide the chunk size runs at the largest power of two that
+does); the delta and cache kernels step over 64 queries. The codebook is padded with empty codes to a multiple of the code steps (and of 64).
 With a state (pos % C == 0) the forward and dq kernels read the state's previous chunk in place, as
 separate (B, H, C, D) tensors, for chunk 0 (no copy of the keys/values; the dk/dv kernel reads only this
 call's keys), and the state's cache seeds the prefix sums; the new state is built exactly as the reference.
