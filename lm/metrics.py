@@ -122,7 +122,8 @@ class MetricsLogger:
             self.bar.set_postfix(short, refresh=False)
         if log_scalars:
             extra = f" valid_bpb {scalars['valid/bpb']:.3f}" if "valid/bpb" in scalars else ""
-            msg = f"step {step} loss {scalars['train/loss']:.4f} lr {scalars['train/lr']:.2e} tok/s {scalars['train/tokens_per_s']:.0f}{extra}"
+            rate = scalars.get("train/tokens_per_s_interval", scalars["train/tokens_per_s"])
+            msg = f"step {step} loss {scalars['train/loss']:.4f} lr {scalars['train/lr']:.2e} tok/s {rate:.0f}{extra}"
             if self.bar is not None:
                 self.bar.write(msg)
             else:

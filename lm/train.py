@@ -275,6 +275,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
     watcher = PreemptionWatcher(run_dir, owner=is_rank0)
     watcher.install()
     losses, rates, preempted, saved_step = [], [], False, None
+    window = [0, 0.0]  # tokens and step seconds since the last logged step
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
     engine.train()
@@ -291,6 +292,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
                 losses.append(result.loss)
                 dt = result.step_time_s
                 rates.append(tokens_per_step / dt)
+                window[0] += tokens_per_step
+                window[1] += dt
                 scalars = {"train/loss": result.loss, "train/commit_loss": result.aux_loss, "train/lr": result.lr,
                            "train/step_time_s": dt, "train/tokens_per_s": tokens_per_step / dt,
                            "train/tokens_per_s_per_gpu": tokens_per_step / dt / trainer.world,
@@ -298,6 +301,10 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict:
                 if peak:
                     scalars["train/mfu"] = fpt * tokens_per_step / dt / trainer.world / peak
                 if log_now:
+                    # the logged rate: every step since the previous log (a logging step alone also gathers the
+                    # codebook statistics, so its own rate understates the run's)
+                    scalars["train/tokens_per_s_interval"] = window[0] / window[1]
+                    window = [0, 0.0]
                     if result.grad_norm is not None:
                         scalars["train/grad_norm"] = result.grad_norm_value()
                     scalars.update(summarize_codebooks(result.codebook))

@@ -37,7 +37,7 @@ def _train(cfg, resume=None):
 @pytest.mark.parametrize("arch", ["longvq", "transformer"])
 def test_training_reduces_loss_and_writes_artifacts(tmp_path, data_cache, arch):
     cfg = tiny_cfg(tmp_path / "run", data_cache, "train.max_steps=30", f"model.arch={arch}", "optim.lr=3e-3",
-                   "train.eval_every=15", "train.eval_batches=1")
+                   "train.eval_every=15", "train.eval_batches=1", "train.log_every=4")
     (summary,) = run_dist(_train, world_size=1, cfg=cfg)
     losses = summary["losses"]
     assert len(losses) == 30
@@ -51,7 +51,7 @@ def test_training_reduces_loss_and_writes_artifacts(tmp_path, data_cache, arch):
     acc = EventAccumulator(str(tmp_path / "run/tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"}
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/tokens_per_s_interval"}
     expected |= {"valid/bpb"}
     if arch == "longvq":
         expected |= {"train/commit_loss", "codebook/usage", "codebook/perplexity", "codebook/rel_error",
@@ -61,6 +61,15 @@ def test_training_reduces_loss_and_writes_artifacts(tmp_path, data_cache, arch):
         shares = [acc.Scalars(f"attention/{r}_share/layer0")[-1].value for r in ("cache", "prev", "own")]
         assert 0 < shares[0] < 1 and abs(sum(shares) - 1) < 1e-5
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 31))
+    # the logged rate covers every step since the previous log: tokens over the steps' summed time
+    per_step = {e.step: e.value for e in acc.Scalars("train/tokens_per_s")}
+    logged = {e.step: e.value for e in acc.Scalars("train/tokens_per_s_interval")}
+    assert sorted(logged) == [4, 8, 12, 16, 20, 24, 28, 30]  # log_every=4 and the last step
+    prev = 0
+    for step in sorted(logged):
+        steps = range(prev + 1, step + 1)
+        assert logged[step] == pytest.approx(len(steps) / sum(1 / per_step[k] for k in steps), rel=1e-5)
+        prev = step
 
 
 def test_resume_continues_exactly(tmp_path, data_cache):
