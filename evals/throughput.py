@@ -4,6 +4,7 @@
         [key=value ...] [--engine deepspeed|torch] [--contexts 2048 ... 131072] [--tokens-per-step 65536]
         [--decode-prompts 4096 65536] [--decode-tokens 128] [--decode-eager] [--decode-compile] [--attn-backends cudnn flash] [--profile-context 8192]
         [--steps 5] [--warmup 2] [--out-dir runs/bench] [--tag NAME] [--peak-flops 989e12]
+        [--trainer-check [--trainer-steps 12]]
 
 Each recipe is an ordinary training recipe (launch/configs/); `key=value` overrides apply to every recipe,
 exactly as on `python -m lm.train` (e.g. train.compile=false, train.loss_chunk_tokens=16384,
@@ -20,6 +21,10 @@ attention backend (--attn-backends; default: its recipe's backend, or every fast
 
 Outputs, rewritten after every row: OUT_DIR/throughput_TAG.json (the rows), .md (a table) and .png
 (tokens/s and peak memory against context); --profile-context adds OUT_DIR/throughput_TAG_profile_ARCH.txt.
+
+--trainer-check then trains each measured row's recipe at its context through `python -m lm.train` (one
+process, --trainer-steps steps; lm.bench.trainer_check) and writes OUT_DIR/trainer_vs_benchmark_TAG.json: the
+trainer's steady tokens/s beside the row's.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch
 
 from evals.common import parse_recipe_args, pick_device, recipe_parser
 from lm.bench import throughput as tp
+from lm.bench import trainer_check
 from lm.bench.report import throughput_markdown, throughput_plot
 from lm.config import ConfigError, load_config
 from lm.parallel.dist import distributed
@@ -69,9 +75,15 @@ def parse_args(argv):
     p.add_argument("--out-dir", default="runs/bench")
     p.add_argument("--tag", default=None, help="name of the output files (default ENGINE_DEVICE)")
     p.add_argument("--raise-errors", action="store_true", help="re-raise non-OOM failures (debugging)")
+    p.add_argument("--trainer-check", action="store_true",
+                   help="also train each measured row through `python -m lm.train` and compare tokens/s")
+    p.add_argument("--trainer-steps", type=int, default=12, help="--trainer-check: steps per trainer run")
     args = parse_recipe_args(p, argv, DEFAULT_RECIPES)
+    args.argv = ["python", "-m", "evals.throughput", *argv]
     if min(args.steps, args.warmup, args.tokens_per_step, args.prefill_chunk, args.decode_tokens, args.decode_batch) < 1:
         p.error("--steps, --warmup, --tokens-per-step, --prefill-chunk, --decode-tokens and --decode-batch must be >= 1")
+    if args.trainer_steps < 3:
+        p.error(f"--trainer-steps must be >= 3 (the trainer's rate is a median after warm-up), got {args.trainer_steps}")
     if any(c < 1 for c in args.contexts + args.decode_prompts):
         p.error("--contexts and --decode-prompts must be >= 1")
     if args.engine is None:
@@ -158,6 +170,32 @@ def run_benchmark(args) -> list[dict]:
     return rows
 
 
+def run_trainer_check(args, rows: list[dict]) -> list[dict]:
+    """--trainer-check: every measured training row trained again through `python -m lm.train`; writes
+    OUT_DIR/trainer_vs_benchmark_TAG.json after every comparison and returns the comparisons."""
+    measured = [r for r in rows if r.get("mode") == "train" and r.get("tokens_per_s")]
+    if not measured:
+        return []
+    first = measured[0]
+    path = Path(args.out_dir) / f"trainer_vs_benchmark_{first['tag']}.json"
+    checks: list[dict] = []
+
+    def write(c):
+        checks.append(c)
+        rate = c.get("trainer_tokens_per_s")
+        got = f"{rate:,.0f} tok/s ({c['trainer_over_benchmark']:.3f})" if rate else f"ERROR {c.get('trainer_error')}"
+        print(f"[trainer] {c['arch']:11s} ctx {c['context']:>6}: {got}; benchmark {c['benchmark_tokens_per_s']:,.0f}",
+              flush=True)
+        path.write_text(json.dumps({"date": first["date"], "device": first["device"], "tag": first["tag"],
+                                    "engine": args.engine, "benchmark_argv": args.argv, "rows": checks}, indent=1))
+
+    recipes = {r["arch"]: r["recipe"] for r in measured}
+    trainer_check.compare(measured, recipes, args.overrides, tokens_per_step=args.tokens_per_step,
+                          steps=args.trainer_steps, on_row=write)
+    print(f"wrote {path}", flush=True)
+    return checks
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -167,6 +205,9 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     failed = [r for r in rows if r.get("error") and r["error"] != "OOM"]
+    if args.trainer_check:
+        tp.free_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # the trainer gets the GPU
+        failed += [c for c in run_trainer_check(args, rows) if c.get("trainer_error")]
     return 1 if failed else 0
 
 

@@ -44,7 +44,8 @@ def run_overrides(recipe: str, steps: int, run_dir: Path) -> tuple[list[str], bo
     return items, replaced
 
 
-def _error_line(text: str) -> str:
+def error_line(text: str) -> str:
+    """The last line of a log that names an error (else its last line), at most 400 characters."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in reversed(lines):
         low = ln.lower()
@@ -85,7 +86,7 @@ def row_of(run: SmokeRun, proc, run_dir: Path, replaced: bool, log: Path) -> dic
                    precision=s.get("precision"), params=s.get("params"), steps=s.get("steps"), status="ok")
     else:
         row.update(tokens_per_s=None, peak_mem_gib=None, final_loss=None,
-                   status=f"exit {proc.returncode}: {_error_line(text)}")
+                   status=f"exit {proc.returncode}: {error_line(text)}")
         row["log_tail"] = text[-3000:]
     return row
 

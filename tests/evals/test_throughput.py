@@ -158,3 +158,34 @@ def test_deepspeed_engine_row_times_the_trainers_engine(tmp_path):
     (row,) = run_dist(_deepspeed_row, world_size=1, cfg_path=str(ROOT / "launch/configs/longvq_tiny.yaml"), out=tmp_path)
     assert row["engine"] == "deepspeed" and row["zero_stage"] == 2 and row["precision"] == "fp32"
     assert row["tokens_per_s"] > 0 and len(row["step_times_s"]) == 2 and row["final_loss"] > 0
+
+
+def test_trainer_check_trains_each_row_through_lm_train(tmp_path):
+    """--trainer-check: each measured training row is trained again by `python -m lm.train` (a subprocess; its
+    summary.json's steady rate), and the comparison is written next to the rows."""
+    rc = cli.main(RECIPES[:2] + ["--contexts", "64", "--tokens-per-step", "128", "--decode-prompts", "--steps", "2",
+                                 "--warmup", "1", "--device", "cpu", "--engine", "torch", "--out-dir", str(tmp_path),
+                                 "--tag", "tc", "--trainer-check", "--trainer-steps", "4"])
+    assert rc == 0
+    data = json.loads((tmp_path / "trainer_vs_benchmark_tc.json").read_text())
+    (row,) = data["rows"]
+    assert (row["arch"], row["context"], row["trainer_steps"]) == ("longvq", 64, 4)
+    assert row["trainer_tokens_per_s"] > 0 and row["trainer_final_loss"] > 0
+    assert row["trainer_over_benchmark"] == pytest.approx(row["trainer_tokens_per_s"] / row["benchmark_tokens_per_s"])
+    assert "data.seq_len=64" in row["trainer_command"] and "train.micro_batch_size=2" in row["trainer_command"]
+    assert data["benchmark_argv"][:3] == ["python", "-m", "evals.throughput"] and "--trainer-check" in data["benchmark_argv"]
+
+
+def test_trainer_row_ignores_the_callers_launcher_env_and_reports_failures(monkeypatch):
+    """The trainer subprocess does not inherit a launcher's RANK / WORLD_SIZE / MASTER_PORT (it would wait for 8
+    processes); a run that fails comes back as trainer_error with the trainer's message."""
+    from lm.bench.trainer_check import trainer_row
+
+    recipe = str(ROOT / "launch/configs/longvq_tiny.yaml")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    ok = trainer_row(recipe, [], 64, 128, steps=3, timeout=300)
+    assert ok.get("trainer_error") is None and ok["trainer_tokens_per_s"] > 0, ok
+    bad = trainer_row(recipe, ["model.d_model=-1"], 64, 128, steps=3, timeout=300)
+    assert bad["trainer_error"].startswith("exit ") and "d_model" in bad["trainer_error"], bad
