@@ -173,10 +173,9 @@ def run_benchmark(args) -> list[dict]:
 def run_trainer_check(args, rows: list[dict]) -> list[dict]:
     """--trainer-check: every measured training row trained again through `python -m lm.train`; writes
     OUT_DIR/trainer_vs_benchmark_TAG.json after every comparison and returns the comparisons."""
-    measured = [r for r in rows if r.get("mode") == "train" and r.get("tokens_per_s")]
-    if not measured:
+    if not rows:
         return []
-    first = measured[0]
+    first = rows[0]  # every row carries the run's tag, date and device
     path = Path(args.out_dir) / f"trainer_vs_benchmark_{first['tag']}.json"
     checks: list[dict] = []
 
@@ -189,10 +188,11 @@ def run_trainer_check(args, rows: list[dict]) -> list[dict]:
         path.write_text(json.dumps({"date": first["date"], "device": first["device"], "tag": first["tag"],
                                     "engine": args.engine, "benchmark_argv": args.argv, "rows": checks}, indent=1))
 
-    recipes = {r["arch"]: r["recipe"] for r in measured}
-    trainer_check.compare(measured, recipes, args.overrides, tokens_per_step=args.tokens_per_step,
+    recipes = {r["arch"]: r["recipe"] for r in rows}
+    trainer_check.compare(rows, recipes, args.overrides, tokens_per_step=args.tokens_per_step,
                           steps=args.trainer_steps, on_row=write)
-    print(f"wrote {path}", flush=True)
+    if checks:
+        print(f"wrote {path}", flush=True)
     return checks
 
 
