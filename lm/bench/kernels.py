@@ -43,8 +43,8 @@ FP32_FLOPS = 67e12  # CUDA-core fp32 (FMA = 2 flops), H100/H200 SXM
 BF16_FLOPS = 790e12  # dense tensor-core bf16
 TOL_BF16 = {"ema_out": 1e-2, "ema_grad": 2e-2, "commit": 1e-2, "codes_equal": 0.97, "gates": 1e-2}
 KERNELS = ("ema", "quantize", "gates", "update")
-EMA_SWEEP = tuple(itertools.product((64, 128, 256), (16, 32, 64), (1, 2, 4, 8), (4, 8, 16)))
-"""(chunk, block_d, warps, unroll) launch settings the EMA sweep tries."""
+EMA_SWEEP = tuple((c, 32 * w, w, u) for c, w, u in itertools.product((64, 128, 256), (1, 2, 4), (4, 8, 16)))
+"""(chunk, block_d, warps, unroll) launch settings the EMA sweep tries (one channel per thread: block_d = 32 warps)."""
 QUANTIZE_SWEEP = tuple(itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (1, 2, 3)))
 """(block_m, block_s, warps, stages) launch settings the quantizer sweep tries."""
 GATES_SWEEP = tuple(itertools.product((8, 16, 32, 64), (64, 128, 256), (2, 4, 8)))
@@ -179,8 +179,6 @@ def ema_sweep(shape: BlockShape, tokens: int, T: int, device: torch.device, dtyp
     gy = torch.randn(B, T, D, device=device).to(dtype)
     timer, rows = Timer(device), []
     for chunk, bd, warps, unroll in grid:
-        if bd * N // (32 * warps) < 1:
-            continue
         config = dataclasses.replace(ema_scan_fused.CONFIG, chunk=chunk, block_d=bd, warps=warps, unroll=unroll)
         try:
             ms = timer(lambda: ema_scan_call(m, x, config).backward(gy), *SWEEP_MS)

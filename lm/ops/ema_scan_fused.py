@@ -4,9 +4,10 @@ Same signature, recurrence and return value as `lm.ops.ema_scan.ema_scan_referen
     h_t = pb x_t + q h_{t-1};  y_t = scale sum_n gamma h_t + omega x_t;  out_t = SiLU(y_t) if silu else y_t
 
 Design. The sequence is cut into chunks of L tokens (KernelConfig.chunk); programs run over
-(chunk, batch, block of BD channels) and hold the (BD, N) state in registers, fp32. Inside a chunk the
+(chunk, batch, block of BD channels) and hold the (N, BD) state in registers, fp32, one thread per channel with
+all its N states (see _NO_ALIGN), so the sums over N need no shuffles. Inside a chunk the
 recurrence runs step by step (one x row per step, U steps unrolled so their loads are issued together);
-across chunks a carried (D, N) state joins them:
+across chunks a carried (N, D) state joins them:
   forward   1. chunk_state: each chunk's end state from a zero start, h' = q h' + x (pb applied later);
             2. state_pass:  H_{c+1} = q^L H_c + pb h'_c, sequential over chunks per (b, d, n): the state
                             before every chunk (kept for backward) and h_T;
@@ -20,7 +21,8 @@ across chunks a carried (D, N) state joins them:
                cross-chunk part of dq (sum_c G_c w_end_c);
             3. reverse order per chunk from G_c: the adjoint g_t = c dy_t + q g_{t+1}, dx_t = sum_n pb g_t +
                omega dy_t, and the partial sums of dpb (g x) and domega (dy x).
-Partial sums are per (batch, chunk) and reduced by torch (deterministic, no atomics).
+State tensors between the kernels are (B, NC, N, D) fp32 and the parameters (N, D), so every tile access is
+coalesced. Partial sums are per (batch, chunk) and reduced by torch (deterministic, no atomics).
 Why a register loop and not an (L x L) decay matrix per (d, n): every channel has its own decay, so no
 operand of a product is shared across channels; a Toeplitz product per channel costs L/2 FMAs per
 token-channel for the output alone, against 2-3 N for the whole recurrence step, and needs no tensor
@@ -50,9 +52,9 @@ class KernelConfig:
 
     chunk: int = 128
     """Tokens per chunk."""
-    block_d: int = 32
-    """Channels per program."""
-    warps: int = 4
+    block_d: int = 64
+    """Channels per program (one per thread: block_d = 32 x warps)."""
+    warps: int = 2
     unroll: int = 8
     """Recurrence steps (and chunks in the passes) per unrolled loop body."""
     pass_block: int = 128
@@ -62,6 +64,12 @@ class KernelConfig:
 CONFIG = KernelConfig()
 """The settings every call uses unless it passes its own."""
 
+_NO_ALIGN = ("s_xb", "s_xt", "D")
+"""Arguments the chunk kernels are not specialised on. Unknown divisibility of D and the strides keeps the compiler
+from vectorising the (N, BD) tile and per-token loads along the channels; its layout then gives each thread whole
+channels with all N states (threads along d), so the sums over N stay in registers and no per-channel work
+repeats across lanes. Vectorised, it spreads N over lanes (measured 1.6x slower)."""
+
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -69,9 +77,9 @@ CONFIG = KernelConfig()
 
 
 @triton.jit
-def _tile(PTR, d, dm, n, N: tl.constexpr):
-    """The (BD, N) fp32 tile at PTR (row-major (D, N)), zero outside D."""
-    return tl.load(PTR + d[:, None] * N + n[None, :], mask=dm[:, None], other=0.0)
+def _tile(PTR, d, dm, n, D):
+    """The (N, BD) fp32 tile at PTR (row-major (N, D)), zero outside D."""
+    return tl.load(PTR + n[:, None] * D + d[None, :], mask=dm[None, :], other=0.0)
 
 
 @triton.jit
@@ -88,26 +96,26 @@ def _dy(DO, YP, off, dm, SILU: tl.constexpr):
 @triton.jit
 def _chunk_program(s_xb, s_xt, T, D, NC, L: tl.constexpr, N: tl.constexpr, BD: tl.constexpr):
     """This program's part: chunk c = program_id(0) of sequence b = program_id(1), channels d (block
-    program_id(2)). Returns d, its mask, the offsets of the (BD, N) tile of (b, c) in a (B, NC, D, N) tensor and
+    program_id(2)). Returns d, its mask, the offsets of the (N, BD) tile of (b, c) in a (B, NC, N, D) tensor and
     of the chunk's first token in (B, T, D) with strides (s_xb, s_xt, 1), and the chunk's length."""
     c = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     d = tl.program_id(2) * BD + tl.arange(0, BD)
     t0 = c * L
-    tile = (b * NC + c) * D * N + d[:, None] * N + tl.arange(0, N)[None, :]
+    tile = ((b * NC + c) * N + tl.arange(0, N)[:, None]) * D + d[None, :]
     return d, d < D, tile, b * s_xb + t0.to(tl.int64) * s_xt + d, tl.minimum(L, T - t0)
 
 
 @triton.jit
-def _coefficients(PB, Q, C, d, dm, N: tl.constexpr):
-    """The (BD, N) tiles of pb, q and c = scale gamma for channels d."""
+def _coefficients(PB, Q, C, d, dm, D, N: tl.constexpr):
+    """The (N, BD) tiles of pb, q and c = scale gamma for channels d."""
     n = tl.arange(0, N)
-    return _tile(PB, d, dm, n, N), _tile(Q, d, dm, n, N), _tile(C, d, dm, n, N)
+    return _tile(PB, d, dm, n, D), _tile(Q, d, dm, n, D), _tile(C, d, dm, n, D)
 
 
 @triton.jit
 def _pass_program(Q, T, NC, DN, L: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's part of a pass over chunks: sequence b = program_id(0) (int64), flat (d, n) states e (block
+    """This program's part of a pass over chunks: sequence b = program_id(0) (int64), flat (n, d) states e (block
     program_id(1)) and their mask, q there, and the chunk decays q^L (a full chunk) and q^(T - (NC - 1) L) (the
     last chunk)."""
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -132,22 +140,22 @@ def _load_or_zeros(PTR, off, m, PRESENT: tl.constexpr, BLOCK: tl.constexpr):
     return x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_ALIGN)
 def _chunk_state_kernel(X, Q, E, s_xb, s_xt, T, D, NC,
                         L: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, U: tl.constexpr):
     d, dm, tile, off, steps = _chunk_program(s_xb, s_xt, T, D, NC, L, N, BD)
-    q = _tile(Q, d, dm, tl.arange(0, N), N)
+    q = _tile(Q, d, dm, tl.arange(0, N), D)
     xp = X + off
-    h = tl.zeros([BD, N], tl.float32)
+    h = tl.zeros([N, BD], tl.float32)
     full = steps - steps % U
     for i in range(0, full, U):
         for u in tl.static_range(U):
             xt = tl.load(xp + (i + u) * s_xt, mask=dm, other=0.0).to(tl.float32)
-            h = h * q + xt[:, None]
+            h = h * q + xt[None, :]
     for i in range(full, steps):
         xt = tl.load(xp + i * s_xt, mask=dm, other=0.0).to(tl.float32)
-        h = h * q + xt[:, None]
-    tl.store(E + tile, h, mask=dm[:, None])
+        h = h * q + xt[None, :]
+    tl.store(E + tile, h, mask=dm[None, :])
 
 
 @triton.jit
@@ -178,8 +186,8 @@ def _state_pass_kernel(E, PB, Q, H0, HS, HT, T, NC, DN,
 @triton.jit
 def _fwd_step(xp, yp, pp, t, s_xt, dm, h, q, pb, cc, om, SILU: tl.constexpr, STORE_PRE: tl.constexpr):
     xt = tl.load(xp + t * s_xt, mask=dm, other=0.0).to(tl.float32)
-    h = h * q + pb * xt[:, None]
-    y = tl.sum(h * cc, axis=1) + om * xt
+    h = h * q + pb * xt[None, :]
+    y = tl.sum(h * cc, axis=0) + om * xt
     if STORE_PRE:
         tl.store(pp + t * s_xt, y.to(pp.dtype.element_ty), mask=dm)
     if SILU:
@@ -188,15 +196,15 @@ def _fwd_step(xp, yp, pp, t, s_xt, dm, h, q, pb, cc, om, SILU: tl.constexpr, STO
     return h
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_ALIGN)
 def _chunk_scan_kernel(X, PB, Q, C, OM, HS, Y, YP, s_xb, s_xt, T, D, NC,
                        L: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, U: tl.constexpr,
                        SILU: tl.constexpr, STORE_PRE: tl.constexpr):
     """Y and YP are contiguous (B, T, D) like X after the host's contiguity check (same strides)."""
     d, dm, tile, off, steps = _chunk_program(s_xb, s_xt, T, D, NC, L, N, BD)
-    pb, q, cc = _coefficients(PB, Q, C, d, dm, N)
+    pb, q, cc = _coefficients(PB, Q, C, d, dm, D, N)
     om = tl.load(OM + d, mask=dm, other=0.0)
-    h = tl.load(HS + tile, mask=dm[:, None], other=0.0)
+    h = tl.load(HS + tile, mask=dm[None, :], other=0.0)
     xp, yp, pp = X + off, Y + off, YP + off
     full = steps - steps % U
     for i in range(0, full, U):
@@ -209,9 +217,9 @@ def _chunk_scan_kernel(X, PB, Q, C, OM, HS, Y, YP, s_xb, s_xt, T, D, NC,
 @triton.jit
 def _bwd_fwd_step(xp, gp, ypp, t, s_xt, dm, h, w, p, g, dc, dq, q, pb, SILU: tl.constexpr):
     xt = tl.load(xp + t * s_xt, mask=dm, other=0.0).to(tl.float32)
-    dy = _dy(gp, ypp, t * s_xt, dm, SILU)[:, None]
+    dy = _dy(gp, ypp, t * s_xt, dm, SILU)[None, :]
     w = w * q + h  # d h_t / d q with the chunk's start state held fixed
-    h = h * q + pb * xt[:, None]
+    h = h * q + pb * xt[None, :]
     dc += dy * h
     dq += dy * w
     p = p * q  # q^(t - t0 + 1): how the start state reaches h_t
@@ -219,18 +227,19 @@ def _bwd_fwd_step(xp, gp, ypp, t, s_xt, dm, h, w, p, g, dc, dq, q, pb, SILU: tl.
     return h, w, p, g, dc, dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_ALIGN)
 def _bwd_chunk_fwd_kernel(X, DO, YP, PB, Q, C, HS, DCP, DQP, WEND, GLOC, s_xb, s_xt, T, D, NC,
                           L: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, U: tl.constexpr,
                           SILU: tl.constexpr):
     d, dm, tile, off, steps = _chunk_program(s_xb, s_xt, T, D, NC, L, N, BD)
-    pb, q, cc = _coefficients(PB, Q, C, d, dm, N)
-    h = tl.load(HS + tile, mask=dm[:, None], other=0.0)
-    w = tl.zeros([BD, N], tl.float32)
-    p = tl.full([BD, N], 1.0, tl.float32)
-    g = tl.zeros([BD, N], tl.float32)
-    dc = tl.zeros([BD, N], tl.float32)
-    dq = tl.zeros([BD, N], tl.float32)
+    pb, q, cc = _coefficients(PB, Q, C, d, dm, D, N)
+    m2 = dm[None, :]
+    h = tl.load(HS + tile, mask=m2, other=0.0)
+    w = tl.zeros([N, BD], tl.float32)
+    p = tl.full([N, BD], 1.0, tl.float32)
+    g = tl.zeros([N, BD], tl.float32)
+    dc = tl.zeros([N, BD], tl.float32)
+    dq = tl.zeros([N, BD], tl.float32)
     xp, gp, ypp = X + off, DO + off, YP + off
     full = steps - steps % U
     for i in range(0, full, U):
@@ -238,7 +247,6 @@ def _bwd_chunk_fwd_kernel(X, DO, YP, PB, Q, C, HS, DCP, DQP, WEND, GLOC, s_xb, s
             h, w, p, g, dc, dq = _bwd_fwd_step(xp, gp, ypp, i + u, s_xt, dm, h, w, p, g, dc, dq, q, pb, SILU)
     for i in range(full, steps):
         h, w, p, g, dc, dq = _bwd_fwd_step(xp, gp, ypp, i, s_xt, dm, h, w, p, g, dc, dq, q, pb, SILU)
-    m2 = dm[:, None]
     tl.store(DCP + tile, dc, mask=m2)
     tl.store(DQP + tile, cc * dq, mask=m2)
     tl.store(WEND + tile, w, mask=m2)
@@ -275,23 +283,23 @@ def _bwd_state_pass_kernel(GLOC, WEND, Q, DHT, GN, DH0, DQX, T, NC, DN,
 def _bwd_rev_step(xp, gp, ypp, dxp, t, s_xt, dm, r, dpb, dom, q, pb, cc, om, SILU: tl.constexpr):
     xt = tl.load(xp + t * s_xt, mask=dm, other=0.0).to(tl.float32)
     dy = _dy(gp, ypp, t * s_xt, dm, SILU)
-    g = cc * dy[:, None] + r  # adjoint of h_t
-    dx = tl.sum(pb * g, axis=1) + om * dy
+    g = cc * dy[None, :] + r  # adjoint of h_t
+    dx = tl.sum(pb * g, axis=0) + om * dy
     tl.store(dxp + t * s_xt, dx.to(dxp.dtype.element_ty), mask=dm)
-    dpb += g * xt[:, None]
+    dpb += g * xt[None, :]
     dom += dy * xt
     return q * g, dpb, dom
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_ALIGN)
 def _bwd_chunk_rev_kernel(X, DO, YP, PB, Q, C, OM, GN, DX, DPBP, DOMP, s_xb, s_xt, T, D, NC,
                           L: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, U: tl.constexpr,
                           SILU: tl.constexpr):
     d, dm, tile, off, steps = _chunk_program(s_xb, s_xt, T, D, NC, L, N, BD)
-    pb, q, cc = _coefficients(PB, Q, C, d, dm, N)
+    pb, q, cc = _coefficients(PB, Q, C, d, dm, D, N)
     om = tl.load(OM + d, mask=dm, other=0.0)
-    r = tl.load(GN + tile, mask=dm[:, None], other=0.0)  # q g_{t+1} at the chunk's last token
-    dpb = tl.zeros([BD, N], tl.float32)
+    r = tl.load(GN + tile, mask=dm[None, :], other=0.0)  # q g_{t+1} at the chunk's last token
+    dpb = tl.zeros([N, BD], tl.float32)
     dom = tl.zeros([BD], tl.float32)
     xp, gp, ypp, dxp = X + off, DO + off, YP + off, DX + off
     rem = steps % U
@@ -301,7 +309,7 @@ def _bwd_chunk_rev_kernel(X, DO, YP, PB, Q, C, OM, GN, DX, DPBP, DOMP, s_xb, s_x
                                         q, pb, cc, om, SILU)
     for i in range(0, rem):
         r, dpb, dom = _bwd_rev_step(xp, gp, ypp, dxp, rem - 1 - i, s_xt, dm, r, dpb, dom, q, pb, cc, om, SILU)
-    tl.store(DPBP + tile, dpb, mask=dm[:, None])
+    tl.store(DPBP + tile, dpb, mask=dm[None, :])
     tl.store(DOMP + (tl.program_id(1).to(tl.int64) * NC + tl.program_id(0)) * D + d, dom, mask=dm)
 
 
@@ -324,23 +332,27 @@ def _grid(NC, B, D, bd):
 
 
 class _EMAScan(torch.autograd.Function):
+    """Parameters pb, q, cc arrive transposed, (N, D) contiguous fp32, like every (.., N, D) state tensor here;
+    h0 / h_T and their gradients are (B, D, N) at the boundary."""
+
     @staticmethod
     def forward(ctx, x, pb, q, cc, omega, h0, silu, L, cfg):
         B, T, D = x.shape
-        N = q.shape[1]
+        N = q.shape[0]
         NC = triton.cdiv(T, L)
         bd, U, nw = cfg.block_d, cfg.unroll, cfg.warps
         f32 = dict(dtype=torch.float32, device=x.device)
-        ends = torch.empty(B, NC, D, N, **f32)
+        ends = torch.empty(B, NC, N, D, **f32)
         grid = _grid(NC, B, D, bd)
         _chunk_state_kernel[grid](x, q, ends, x.stride(0), x.stride(1), T, D, NC,
                                   L=L, N=N, BD=bd, U=U, num_warps=nw)
-        starts = torch.empty(B, NC, D, N, **f32)
-        h_T = torch.empty(B, D, N, **f32)
+        starts = torch.empty(B, NC, N, D, **f32)
+        h_T = torch.empty(B, N, D, **f32)
+        h0t = None if h0 is None else h0.transpose(1, 2).contiguous()
         pblk = cfg.pass_block
         _state_pass_kernel[(B, triton.cdiv(D * N, pblk))](
-            ends, pb, q, h0 if h0 is not None else ends, starts, h_T, T, NC, D * N,
-            L=L, HAS_H0=h0 is not None, BLOCK=pblk, U=U, num_warps=4)
+            ends, pb, q, h0t if h0t is not None else ends, starts, h_T, T, NC, D * N,
+            L=L, HAS_H0=h0t is not None, BLOCK=pblk, U=U, num_warps=4)
         y = torch.empty_like(x)
         store_pre = bool(silu and any(ctx.needs_input_grad[:6]))
         y_pre = torch.empty_like(x) if store_pre else None
@@ -349,14 +361,14 @@ class _EMAScan(torch.autograd.Function):
                                  L=L, N=N, BD=bd, U=U, SILU=bool(silu), STORE_PRE=store_pre, num_warps=nw)
         ctx.save_for_backward(x, pb, q, cc, omega, starts, y_pre)
         ctx.meta = (bool(silu), L, h0 is not None, cfg)
-        return y, h_T
+        return y, h_T.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_y, grad_hT):
         x, pb, q, cc, omega, starts, y_pre = ctx.saved_tensors
         silu, L, has_h0, cfg = ctx.meta
         B, T, D = x.shape
-        N = q.shape[1]
+        N = q.shape[0]
         NC = starts.shape[1]
         bd, U, nw = cfg.block_d, cfg.unroll, cfg.warps
         f32 = dict(dtype=torch.float32, device=x.device)
@@ -365,20 +377,20 @@ class _EMAScan(torch.autograd.Function):
         gy = grad_y if grad_y.is_contiguous() else grad_y.contiguous()
         yp = y_pre if y_pre is not None else gy
         grid = _grid(NC, B, D, bd)
-        dc_part, dq_part, w_end, g_loc = (torch.empty(B, NC, D, N, **f32) for _ in range(4))
+        dc_part, dq_part, w_end, g_loc = (torch.empty(B, NC, N, D, **f32) for _ in range(4))
         _bwd_chunk_fwd_kernel[grid](x, gy, yp, pb, q, cc, starts, dc_part, dq_part, w_end, g_loc,
                                     x.stride(0), x.stride(1), T, D, NC,
                                     L=L, N=N, BD=bd, U=U, SILU=silu, num_warps=nw)
-        g_next = torch.empty(B, NC, D, N, **f32)
-        dh0 = torch.empty(B, D, N, **f32)
-        dq_cross = torch.empty(B, D, N, **f32)
+        g_next = torch.empty(B, NC, N, D, **f32)
+        dh0 = torch.empty(B, N, D, **f32)
+        dq_cross = torch.empty(B, N, D, **f32)
         pblk = cfg.pass_block
-        dht = None if grad_hT is None else grad_hT.float().contiguous()
+        dht = None if grad_hT is None else grad_hT.float().transpose(1, 2).contiguous()
         _bwd_state_pass_kernel[(B, triton.cdiv(D * N, pblk))](
             g_loc, w_end, q, dht if dht is not None else g_loc, g_next, dh0, dq_cross, T, NC, D * N,
             L=L, HAS_DHT=dht is not None, BLOCK=pblk, U=U, num_warps=4)
         dx = torch.empty_like(x)
-        dpb_part = torch.empty(B, NC, D, N, **f32)
+        dpb_part = torch.empty(B, NC, N, D, **f32)
         dom_part = torch.empty(B, NC, D, **f32)
         _bwd_chunk_rev_kernel[grid](x, gy, yp, pb, q, cc, omega, g_next, dx, dpb_part, dom_part,
                                     x.stride(0), x.stride(1), T, D, NC,
@@ -387,7 +399,7 @@ class _EMAScan(torch.autograd.Function):
         dq = dq_part.sum((0, 1)) + dq_cross.sum(0)
         dcc = dc_part.sum((0, 1))
         dom = dom_part.sum((0, 1))
-        return dx, dpb, dq, dcc, dom, (dh0 if has_h0 else None), None, None, None
+        return dx, dpb, dq, dcc, dom, (dh0.transpose(1, 2) if has_h0 else None), None, None, None
 
 
 @torch.compiler.disable  # under torch.compile: an opaque call (Dynamo does not trace the Triton launches)
@@ -408,7 +420,7 @@ def ema_scan_triton(x: Tensor, pb: Tensor, q: Tensor, gamma: Tensor, omega: Tens
         raise ValueError(f"ema_scan_triton: N = {N} EMA dimensions must be a power of two <= 64; use impl=reference")
     L = int(chunk_size or config.chunk)
     f = torch.float32
-    params = [t.to(f).contiguous() for t in (pb, q, gamma * scale, omega)]
+    params = [t.to(f).t().contiguous() for t in (pb, q, gamma * scale)] + [omega.to(f).contiguous()]
     h0 = None if state is None else state.to(f).contiguous()
     if T == 0:
         h = h0 if h0 is not None else torch.zeros(B, D, N, dtype=f, device=x.device)
