@@ -569,7 +569,9 @@ def _cache_tables_fp32(codes: Tensor, v: Tensor, state: Optional[VQAttentionStat
     r_idx = torch.arange(T, device=dev) // C
     bh = (torch.arange(B, device=dev)[:, None] * H + torch.arange(H, device=dev)[None, :])[:, None, :]
     idx = ((bh * R + r_idx[None, :, None]) * S + codes).reshape(-1)
-    cnt = torch.bincount(idx, minlength=B * H * R * S).float()  # exact integer counts, no float atomics
+    # exact integer counts, no float atomics; not bincount, which reads the indices' min and max back to the host
+    ones = torch.ones_like(idx, dtype=torch.int32)
+    cnt = torch.zeros(B * H * R * S, dtype=torch.int32, device=dev).scatter_add_(0, idx, ones).float()
     sm = torch.zeros(B * H * R * S, Dv, dtype=torch.float32, device=dev)
     sm.index_add_(0, idx, v.reshape(-1, Dv).float())
     cnt = cnt.view(B, H, R, S)

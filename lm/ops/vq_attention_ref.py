@@ -155,7 +155,8 @@ def code_statistics(codes: Tensor, values: Tensor, S: int) -> tuple[Tensor, Tens
     with torch.autocast(dev.type, enabled=False):
         bh = (torch.arange(B, device=dev)[:, None, None] * H + torch.arange(H, device=dev)[None, None, :])
         idx = (bh * S + codes).reshape(-1)
-        count = torch.bincount(idx, minlength=B * H * S).to(acc)
+        count = torch.zeros(B * H * S, dtype=torch.int64, device=dev).scatter_add_(0, idx, torch.ones_like(idx))
+        count = count.to(acc)  # not bincount: on CUDA it reads the indices' min and max back to the host
         sums = torch.zeros(B * H * S, Dv, dtype=acc, device=dev).index_add(0, idx, values.reshape(-1, Dv).to(acc))
     return count.view(B, H, S), sums.view(B, H, S, Dv)
 

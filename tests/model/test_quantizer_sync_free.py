@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lm.model.quantizer import VectorQuantizer
+from tests.host_reads import NoHostReads
 
 BUFFERS = ("c_sum", "c_count", "n_updates", "initialized", "stat_count", "stat_sum", "stat_err")
 
@@ -202,17 +202,6 @@ def test_split_and_reseed_many_dead_codes_bit_identical(dim):
         new.reseed_dead_codes(keys)
         old.reseed_dead_codes(keys)
         assert_same(new, old, f"reseed, seed {seed}")
-
-
-class NoHostReads(TorchDispatchMode):
-    """Fails on the ops that copy a device value to the host (what float()/bool()/.item() call) or have a
-    data-dependent shape (nonzero, boolean-mask indexing)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero,
-                                   torch.ops.aten.masked_select):
-            raise AssertionError(f"host read: {func}")
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("reseed", ["split", "batch"])
