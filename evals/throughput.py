@@ -2,7 +2,8 @@
 
     python -m evals.throughput [--recipe launch/configs/longvq_125m.yaml --recipe launch/configs/transformer_125m.yaml]
         [key=value ...] [--engine deepspeed|torch] [--contexts 2048 ... 131072] [--tokens-per-step 65536]
-        [--decode-prompts 4096 65536] [--decode-tokens 128] [--decode-eager] [--decode-compile] [--attn-backends cudnn flash] [--profile-context 8192]
+        [--decode-prompts 4096 65536] [--decode-tokens 128] [--decode-eager] [--decode-compile] [--attn-backends cudnn flash]
+        [--profile-context 8192] [--phases-context 8192]
         [--steps 5] [--warmup 2] [--out-dir runs/bench] [--tag NAME] [--peak-flops 989e12]
         [--trainer-check [--trainer-steps 12]]
 
@@ -20,7 +21,9 @@ baseline (`best_baseline`) and LongVQ rows get `speedup_vs_best_baseline`. The T
 attention backend (--attn-backends; default: its recipe's backend, or every fast one when that is auto).
 
 Outputs, rewritten after every row: OUT_DIR/throughput_TAG.json (the rows), .md (a table) and .png
-(tokens/s and peak memory against context); --profile-context adds OUT_DIR/throughput_TAG_profile_ARCH.txt.
+(tokens/s and peak memory against context); --profile-context adds OUT_DIR/throughput_TAG_profile_ARCH.txt,
+--phases-context OUT_DIR/throughput_TAG_phases.json (host and device time of the forward, backward and update
+of one step, lm.bench.throughput.step_phases).
 
 --trainer-check then trains each measured row's recipe at its context through `python -m lm.train` (one
 process, --trainer-steps steps; lm.bench.trainer_check) and writes OUT_DIR/trainer_vs_benchmark_TAG.json: the
@@ -68,6 +71,8 @@ def parse_args(argv):
     p.add_argument("--decode-compile", action="store_true", help="decode step through torch.compile (fewer kernels)")
     p.add_argument("--prefill-chunk", type=int, default=8192, help="prompt tokens per prefill forward")
     p.add_argument("--profile-context", type=int, default=None, help="also profile one training step per recipe")
+    p.add_argument("--phases-context", type=int, default=None,
+                   help="also time the phases of a training step (host vs device) per recipe at this context")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-flops", type=float, default=None, help="default 989e12 on CUDA; CPU: no MFU")
@@ -166,6 +171,18 @@ def run_benchmark(args) -> list[dict]:
             path.write_text(f"{arch}, context {args.profile_context}, one training step ({args.engine} engine)\n{table}\n")
             paths[f"profile_{arch}"] = path
             tp.free_memory(device)
+    if args.phases_context:
+        paths["phases"] = out_dir / f"throughput_{tag}_phases.json"
+        phases = []
+        for arch, cfg in arms.items():
+            try:
+                ph = tp.step_phases(cfg, args.phases_context, tokens_per_step=args.tokens_per_step, engine=args.engine,
+                                    device=device)
+            except Exception as exc:  # noqa: BLE001 - the phases must not lose the rows above
+                ph = {"arch": arch, "context": args.phases_context, "error": repr(exc)}
+            phases.append({**ph, "device": header["device"], "date": date, "tag": tag, "overrides": args.overrides})
+            print(tp.phases_line(ph), flush=True)
+            paths["phases"].write_text(json.dumps(phases, indent=1))
     print("wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
     return rows
 

@@ -281,6 +281,72 @@ def arms_by_arch(recipes: dict[str, RunConfig]) -> dict[str, RunConfig]:
     return out
 
 
+def _mark(marks: list, sync) -> None:
+    """When the host got here, then when the device had finished what was queued."""
+    marks.append(time.perf_counter())
+    sync()
+    marks.append(time.perf_counter())
+
+
+def step_phases(cfg: RunConfig, context: int, *, tokens_per_step: int, engine: str = "deepspeed",
+                device: Optional[torch.device] = None, steps: int = 5, warmup: int = 3) -> dict:
+    """Host and device time of the phases of a training step: forward (with the loss), backward, and the
+    update (optimizer step and codebook updates), the calls lm.engine.train_step makes, with a device
+    synchronisation after each phase. Per phase, `*_host_ms` is how long the host took to queue it (until the
+    call returned) and `*_ms` how long until the device had finished it; where the two are about equal the
+    phase is host-bound (the device waits for kernels to be queued). Medians over `steps` steps after
+    `warmup`. The step total is longer than a benchmark step by the device idle time the syncs add."""
+    c = row_config(cfg, context, tokens_per_step, warmup + steps)
+    eng = build_engine(c, engine, device=device) if engine == "torch" else build_engine(c, engine)
+    eng.train()
+    x, y = RandomTokens(c.model.vocab_size, context).micro_batch(0, 0, 0, 1, c.train.micro_batch_size)
+    x, y = x.to(eng.device), y.to(eng.device)
+
+    def sync():
+        if eng.device.type == "cuda":
+            torch.cuda.synchronize(eng.device)
+
+    names = ("forward", "backward", "update")
+    times: dict[str, list[float]] = {k: [] for n in names for k in (f"{n}_host_ms", f"{n}_ms")}
+    times["step_ms"] = []
+    for i in range(warmup + steps):
+        marks = []
+        sync()
+        t0 = time.perf_counter()
+        out = eng.forward(x, y, c.train.loss_chunk_tokens, c.train.loss_impl)
+        _mark(marks, sync)
+        eng.backward(out.loss + out.aux_loss)
+        _mark(marks, sync)
+        eng.step(c.optim.lr, skip=False)
+        for _, vq in eng.quantizers:
+            vq.apply_update()
+        _mark(marks, sync)
+        if i < warmup:
+            continue
+        start = t0
+        for n, (queued, done) in zip(names, zip(marks[0::2], marks[1::2])):
+            times[f"{n}_host_ms"].append((queued - start) * 1e3)
+            times[f"{n}_ms"].append((done - start) * 1e3)
+            start = done
+        times["step_ms"].append((marks[-1] - t0) * 1e3)
+    row = {k: statistics.median(v) for k, v in times.items()}
+    row.update(arch=c.model.arch, context=context, batch=c.train.micro_batch_size, engine=engine,
+               steps=steps, warmup=warmup, tokens_per_s=c.train.micro_batch_size * context / row["step_ms"] * 1e3)
+    dev = eng.device
+    del eng, out
+    free_memory(dev)
+    return row
+
+
+def phases_line(row: dict) -> str:
+    """One line for a step_phases row: host / device milliseconds per phase."""
+    if row.get("error"):
+        return f"[phases] {row['arch']} ctx {row['context']}: ERROR {row['error']}"
+    parts = [f"{n} {row[n + '_host_ms']:.1f} / {row[n + '_ms']:.1f}" for n in ("forward", "backward", "update")]
+    return (f"[phases] {row['arch']} ctx {row['context']} (host / device ms): " + ", ".join(parts)
+            + f"; step {row['step_ms']:.1f} ms, {row['tokens_per_s']:,.0f} tok/s")
+
+
 def profile_step(cfg: RunConfig, context: int, *, tokens_per_step: int, engine: str = "deepspeed",
                  device: Optional[torch.device] = None, rows: int = 80) -> str:
     """torch.profiler tables (device time: top kernels, by input shape, by Python stack) of one training

@@ -147,6 +147,20 @@ def test_profile_table_is_written(tmp_path):
     assert "one training step" in text and "aten::" in text
 
 
+def test_step_phases_are_written(tmp_path):
+    """--phases-context: host and device time of the forward, backward and update of a step; each phase's device
+    time includes its host time, and the phases add up to the step (their medians roughly)."""
+    assert cli.main(RECIPES[:2] + ["--contexts", "--decode-prompts", "--engine", "torch", "--tokens-per-step", "128",
+                                   "--out-dir", str(tmp_path), "--tag", "ph", "--device", "cpu",
+                                   "--phases-context", "64"]) == 0
+    (row,) = json.loads((tmp_path / "throughput_ph_phases.json").read_text())
+    assert (row["arch"], row["context"], row["batch"], row["engine"]) == ("longvq", 64, 2, "torch")
+    for n in ("forward", "backward", "update"):
+        assert 0 < row[f"{n}_host_ms"] <= row[f"{n}_ms"]
+    assert row["step_ms"] == pytest.approx(row["forward_ms"] + row["backward_ms"] + row["update_ms"], rel=0.25)  # medians
+    assert row["tokens_per_s"] == pytest.approx(2 * 64 / row["step_ms"] * 1e3)
+
+
 def _deepspeed_row(cfg_path, out):
     from lm.bench import throughput
 
