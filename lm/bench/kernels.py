@@ -30,7 +30,7 @@ import triton
 
 from lm.bench.timing import Timer, rel_error
 from lm.model.ema import MultiDimEMA
-from lm.model.quantizer import VectorQuantizer
+from lm.model.quantizer import VectorQuantizer, apply_updates
 from lm.ops import ema_scan_fused, gates_fused, vq_quantize_fused
 from lm.ops.ema_scan import ema_scan_reference
 from lm.ops.gates import gate_split_reference, gated_residual_reference
@@ -351,7 +351,8 @@ def gates_sweep(shape: BlockShape, tokens: int, T: int, device: torch.device, dt
 
 
 def update_rows(shape: BlockShape, layers: int, device: torch.device, tokens: int = 2048) -> list[dict]:
-    """VectorQuantizer.apply_update for `layers` quantizers (one optimizer step, timed as forwards + updates minus
+    """The codebook update of `layers` quantizers as the trainer runs it (lm.model.quantizer.apply_updates: one
+    batched step for all layers; timed as forwards + update minus
     forwards), split and batch re-seeding. On CUDA the update also runs once under
     torch.cuda.set_sync_debug_mode('error'): sync_free is False when it synchronises with the host (None off CUDA)."""
     timer, rows = Timer(device), []
@@ -366,12 +367,11 @@ def update_rows(shape: BlockShape, layers: int, device: torch.device, tokens: in
 
         def step():
             forwards()
-            for vq in vqs:
-                vq.apply_update()
+            apply_updates(vqs)
 
         step()
         forwards()
-        sync_free = _runs_without_sync(lambda: [vq.apply_update() for vq in vqs]) if device.type == "cuda" else None
+        sync_free = _runs_without_sync(lambda: apply_updates(vqs)) if device.type == "cuda" else None
         step_ms, fwd_ms = timer(step, *ARM_MS), timer(forwards, *ARM_MS)
         forwards()  # leave no statistics pending
         for vq in vqs:

@@ -35,6 +35,7 @@ from lm.config import ConfigError, RunConfig
 from lm.bench.profile_breakdown import breakdown, breakdown_markdown, device_kernels
 from lm.engine import RandomTokens, TrainLoop, build_engine, prepare_model, resolve_precision
 from lm.engine.decoder import Decoder
+from lm.model.quantizer import apply_updates
 from lm.metrics import FLOPS_FORMULA, PEAK_BF16_FLOPS, flops_per_token, head_dims
 from lm.ops import sdpa
 from lm.ops.vq_attention import resolve_impl
@@ -318,8 +319,7 @@ def step_phases(cfg: RunConfig, context: int, *, tokens_per_step: int, engine: s
         eng.backward(out.loss + out.aux_loss)
         _mark(marks, sync)
         eng.step(c.optim.lr, skip=False)
-        for _, vq in eng.quantizers:
-            vq.apply_update()
+        apply_updates([vq for _, vq in eng.quantizers])
         _mark(marks, sync)
         if i < warmup:
             continue

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as tdist
 
+from lm.model.quantizer import apply_updates
 from lm.parallel.dist import all_reduce_codebook_stats
 
 
@@ -54,7 +55,9 @@ def _sum_over_world(t: torch.Tensor) -> torch.Tensor:
 def codebook_metrics(quantizers, gather: bool) -> dict:
     """Per-layer codebook health ("layer3/usage", ...) from this step's summed statistics (synchronises).
     gather: collect the layers of every process (pipelines: layers live on other stages)."""
-    local = {f"layer{i}/{k}": v for i, vq in quantizers for k, v in vq.step_metrics().items()}
+    metrics = [(i, vq.step_metric_tensors()) for i, vq in quantizers]
+    values = torch.stack([torch.stack([v.float() for v in m.values()]) for _, m in metrics]).tolist() if metrics else []
+    local = {f"layer{i}/{k}": v for (i, m), row in zip(metrics, values) for k, v in zip(m, row)}  # one host read
     if gather and tdist.is_initialized() and tdist.get_world_size() > 1:
         parts = [None] * tdist.get_world_size()
         tdist.all_gather_object(parts, local)
@@ -100,8 +103,7 @@ def train_step(engine, batches: list, *, lr: float, loss_chunk_tokens: int = 0, 
     if not skipped:
         if codebook_stats and (vqs or engine.pipelined):
             stats = codebook_metrics(quantizers, gather=engine.pipelined)
-        for vq in vqs:
-            vq.apply_update()
+        apply_updates(vqs)
     return StepResult(loss=None if skipped else ce_sum / count, aux_loss=None if skipped else aux_sum / count,
                       skipped=skipped, nonfinite=int(bad), stop=stops > 0, grad_norm=grad_norm, codebook=stats)
 

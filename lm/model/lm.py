@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from lm.config import ModelConfig
 from lm.model.common import FeedForward, RMSNorm
 from lm.model.longvq import LongVQMixer
-from lm.model.quantizer import VectorQuantizer
+from lm.model.quantizer import VectorQuantizer, apply_updates
 from lm.model.transformer import SelfAttentionMixer
 from lm.ops.linear_ce import linear_cross_entropy, logits_cross_entropy
 
@@ -128,8 +128,7 @@ class LanguageModel(nn.Module):
 
     def apply_codebook_updates(self) -> None:
         """Call once per optimizer step (after statistics were summed over data-parallel ranks)."""
-        for vq in self.quantizers():
-            vq.apply_update()
+        apply_updates(self.quantizers())
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

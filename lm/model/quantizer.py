@@ -2,8 +2,8 @@
 
 The codebook is c_sum / c_count (buffers, never optimizer parameters; docs/model.md, "Codebook learning").
 Training forwards accumulate per-code statistics (counts and key sums) in `stat_count` and `stat_sum`; the
-trainer sums them over data-parallel ranks and calls `apply_update()` once per optimizer step, so gradient
-accumulation and any number of replicas give the same codebook.
+trainer sums them over data-parallel ranks and calls `apply_updates(quantizers)` (every layer's update in one
+batch) once per optimizer step, so gradient accumulation and any number of replicas give the same codebook.
 
 The update reads nothing back from the device (no host synchronisation): which step has statistics is known on
 the host (a training forward ran since the last reset), the update counter has a host mirror, and dead codes
@@ -32,7 +32,7 @@ def code_usage_perplexity(counts: Tensor) -> tuple[Tensor, Tensor]:
 @functools.lru_cache(maxsize=4)
 def _normal_rows(seed: int, rows: int, dim: int, device: str) -> Tensor:
     """torch.randn((rows, dim)) from a CPU generator seeded with `seed`, on `device` (copied without blocking
-    the host). Memoised: every layer of a step draws the same table (a pure function of its arguments)."""
+    the host). Memoised: quantizers updated apart share the table of a step (a pure function of its arguments)."""
     table = torch.randn((rows, dim), generator=torch.Generator(device="cpu").manual_seed(seed))
     if device == "cpu":
         return table
@@ -168,7 +168,7 @@ class VectorQuantizer(nn.Module):
     def step_metric_tensors(self) -> dict:
         """`step_metrics` as 0-dim device tensors (no host synchronisation)."""
         usage, perplexity = code_usage_perplexity(self.stat_count.float())
-        dead = self.c_count < self.dead_code_threshold * self.c_count.mean(-1, keepdim=True)
+        dead = _dead_mask(self.c_count, self.dead_code_threshold)
         return {"usage": usage, "perplexity": perplexity,
                 "rel_error": (self.stat_err[0] / self.stat_err[1].clamp(min=1e-12)).sqrt(),
                 "dead_codes": dead.float().mean()}
@@ -183,100 +183,161 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def apply_update(self) -> None:
-        """One EMA k-means step from the accumulated (already all-reduced) statistics, then reset them.
+        """One EMA k-means step from the accumulated (already all-reduced) statistics, then reset them
+        (`apply_updates([self])`).
 
         Whether there are statistics is the host's record of training forwards since the last reset (every
         replica of a data-parallel group runs the same forwards); nothing is read back from the device."""
-        if not self._stats_pending:
-            self.reset_stats()  # no training forward this step: nothing to apply, no pending sample kept
-            return
-        if self.init_keys is not None and self.needs_init():
-            self.c_sum.copy_(self.init_keys)  # statistics of the random codebook are discarded
-            self.c_count.fill_(1.0)
-            self.initialized.fill_(1)
-            self._init_done = True
-            self.init_keys = None
-            self.reset_stats()
-            return
-        g = self.decay
-        self.c_sum.mul_(g).add_(self.stat_sum, alpha=1 - g)
-        self.c_count.mul_(g).add_(self.stat_count, alpha=1 - g)
-        reseed_keys = self.reseed_keys
-        self.reset_stats()
-        self.n_updates += 1
-        self._n_updates += 1
-        if self.dead_code_threshold > 0:
-            if self.dead_code_reseed == "batch":
-                if reseed_keys is not None:  # a non-finite sample (bad micro-batch) re-seeds nothing
-                    self.reseed_dead_codes(reseed_keys, enabled=torch.isfinite(reseed_keys).all())
-            else:
-                self.split_dead_codes()
+        apply_updates([self])
 
-    def _dead(self) -> Tensor:
-        """(H, S) codes whose EMA count is below threshold * the head's mean count."""
-        return self.c_count < self.dead_code_threshold * self.c_count.mean(-1, keepdim=True)
+    def _update_key(self) -> tuple | None:
+        """Quantizers with equal keys take their EMA step together (apply_updates); None: no batched step
+        (no statistics, or the first-batch initialisation is due)."""
+        if not self._stats_pending or (self.init_keys is not None and self.needs_init()):
+            return None
+        reseed = self.dead_code_reseed if self.dead_code_threshold > 0 else "off"
+        keys = None if self.reseed_keys is None or reseed != "batch" else (tuple(self.reseed_keys.shape), self.reseed_keys.dtype)
+        return (tuple(self.c_sum.shape), self.c_sum.dtype, self.c_count.dtype, self.c_sum.device, self.decay, self.eps,
+                self.dead_code_threshold, reseed, self._n_updates, keys)
+
+    def _initialise_from_sample(self) -> None:
+        """The first-batch initialisation: the pending key sample replaces the random codebook (its statistics are
+        discarded)."""
+        self.c_sum.copy_(self.init_keys)
+        self.c_count.fill_(1.0)
+        self.initialized.fill_(1)
+        self._init_done = True
+        self.init_keys = None
+        self.reset_stats()
 
     @torch.no_grad()
     def reseed_dead_codes(self, keys: Tensor, enabled: Tensor | None = None) -> None:
         """Move codes whose EMA count fell below threshold * mean count onto the given keys (H, n, d),
-        deadest code first onto the worst-served key; each gets count threshold * mean, so a code that
-        attracts no keys in the next step is moved again. A pure function of the (synchronised)
-        buffers and keys: replicas stay identical. `enabled` (a 0-dim bool tensor) gates the whole change."""
-        H, S, d = self.c_sum.shape
-        keys = keys.to(self.c_sum)[:, :S]
-        floor = self.dead_code_threshold * self.c_count.mean(-1, keepdim=True)  # (H, 1)
-        order = self.c_count.argsort(dim=-1, stable=True)  # deadest first; equal counts by code index
-        count = self.c_count.gather(1, order)
-        move = (count < floor) & (torch.arange(S, device=order.device) < keys.shape[1])  # (H, S), sorted order
-        if enabled is not None:
-            move &= enabled
-        keys = F.pad(keys, (0, 0, 0, S - keys.shape[1]))
-        rows = order[..., None].expand(H, S, d)
-        self.c_count.scatter_(1, order, torch.where(move, floor, count))
-        self.c_sum.scatter_(1, rows, torch.where(move[..., None], keys * floor[..., None], self.c_sum.gather(1, rows)))
-
-    def _split_noise(self, n_dead: Tensor) -> Tensor:
-        """(H, S, d): row j of head h is the noise of that head's j-th dead code, i.e. row j of
-        torch.randn((n_h, d)) drawn head after head (heads without dead codes draw nothing) from one CPU
-        generator seeded with the update count. With d a multiple of 16 these draws are the consecutive rows of
-        one (H S, d) draw (CPU randn fills blocks of 16 values), so the per-head counts stay on the device;
-        other widths read them (a host synchronisation on CUDA)."""
-        H, S, d = self.c_sum.shape
-        dev = self.c_sum.device
-        if d % 16 == 0:
-            table = _normal_rows(self._n_updates, H * S, d, str(dev))
-        else:
-            gen = torch.Generator(device="cpu").manual_seed(self._n_updates)
-            draws = [torch.randn((n, d), generator=gen) for n in n_dead.tolist() if n > 0]
-            table = torch.cat(draws + [torch.zeros(H * S - sum(len(t) for t in draws), d)]).to(dev)
-        first = torch.cumsum(n_dead, 0) - n_dead  # (H,) rows drawn by the heads before
-        idx = (first[:, None] + torch.arange(S, device=dev)[None]).clamp(max=H * S - 1)
-        return table[idx]
+        deadest code first onto the worst-served key (`reseed_dead_codes_`). `enabled` (a 0-dim bool tensor)
+        gates the whole change."""
+        reseed_dead_codes_(self.c_sum[None], self.c_count[None], keys[None], self.dead_code_threshold,
+                           None if enabled is None else enabled.reshape(1))
 
     @torch.no_grad()
     def split_dead_codes(self) -> None:
-        """Re-seed codes whose EMA count fell below threshold * mean count by splitting the most used
-        codes (LBG-style: a copy plus a small perturbation, the count shared between the two).
-        A pure function of the synchronised buffers and the update counter, so every data-parallel
-        replica makes the same change without communicating. Per head, the j-th dead code (by index) and the
-        j-th most used code split the j-th most used code."""
-        H, S, d = self.c_sum.shape
-        dead = self._dead()
-        n_dead = dead.sum(-1)  # (H,)
-        listed = torch.arange(S, device=dead.device)[None] < n_dead[:, None]  # (H, S) list positions in use
-        dead_idx = (~dead).to(torch.uint8).argsort(dim=-1, stable=True)  # dead codes first, by index
-        donors = self.c_count.argsort(dim=-1, descending=True)
-        count = self.c_count.gather(1, donors)
-        centers = self.c_sum.gather(1, donors[..., None].expand(H, S, d)) / count.clamp(min=self.eps)[..., None]
-        scale = centers.pow(2).mean(-1, keepdim=True).sqrt()
-        noise = self._split_noise(n_dead).to(centers) * 0.05 * scale
-        half = count / 2
-        # write through one spare slot (index S) that takes the unused list positions
-        c_count = F.pad(self.c_count, (0, 1))
-        c_sum = F.pad(self.c_sum, (0, 0, 0, 1))
-        for idx, word in ((donors, centers - noise), (dead_idx, centers + noise)):  # donors first: a code in
-            idx = torch.where(listed, idx, S)  # both lists ends up as a dead code's copy
-            c_count.scatter_(1, idx, half)
-            c_sum.scatter_(1, idx[..., None].expand(H, S, d), word * half[..., None])
-        self.c_count.copy_(c_count[:, :S])
-        self.c_sum.copy_(c_sum[:, :S])
+        """Re-seed codes whose EMA count fell below threshold * mean count by splitting the most used codes
+        (`split_dead_codes_`), with the noise of update count `n_updates`."""
+        split_dead_codes_(self.c_sum[None], self.c_count[None], self.dead_code_threshold, self.eps, self._n_updates)
+
+
+@torch.no_grad()
+def apply_updates(quantizers) -> None:
+    """`VectorQuantizer.apply_update()` of every quantizer: one EMA k-means step from the accumulated (already
+    all-reduced) statistics, dead-code re-seeding, and a reset of the statistics.
+
+    Quantizers of the same shape, settings and update count (every layer of a model, normally) take the step
+    together on their stacked buffers: a few dozen kernel launches per optimizer step instead of a few dozen per
+    layer, which kept the host busy for longer than the device needed. Per layer the result is the same as a step
+    of that layer alone (tests/model/test_quantizer_batched_update.py). Reads nothing back from the device."""
+    quantizers = list(quantizers)
+    groups: dict[tuple, list] = {}
+    resets = []
+    for vq in quantizers:
+        key = vq._update_key()
+        if key is not None:
+            groups.setdefault(key, []).append(vq)
+        elif vq._stats_pending:  # first-batch initialisation (once per run)
+            vq._initialise_from_sample()
+        else:  # no training forward this step: nothing to apply, no pending sample kept
+            resets.append(vq)
+    for group in groups.values():
+        _ema_step(group)
+        resets += group
+    if resets:
+        torch._foreach_zero_([getattr(vq, name) for vq in resets for name in VectorQuantizer.stat_names])
+        for vq in resets:
+            vq.reseed_keys = vq.init_keys = None
+            vq._stats_pending = False
+
+
+def _ema_step(group: list) -> None:
+    """The EMA step of quantizers that share `_update_key()`, on their stacked buffers (L, H, S, d)."""
+    first = group[0]
+    c_sum = torch.stack([vq.c_sum for vq in group])
+    c_count = torch.stack([vq.c_count for vq in group])
+    g = first.decay
+    c_sum.mul_(g).add_(torch.stack([vq.stat_sum for vq in group]), alpha=1 - g)
+    c_count.mul_(g).add_(torch.stack([vq.stat_count for vq in group]), alpha=1 - g)
+    torch._foreach_add_([vq.n_updates for vq in group], 1)
+    for vq in group:
+        vq._n_updates += 1
+    if first.dead_code_threshold > 0:
+        if first.dead_code_reseed == "batch":
+            if first.reseed_keys is not None:  # a non-finite sample (bad micro-batch) re-seeds nothing
+                keys = torch.stack([vq.reseed_keys for vq in group])
+                enabled = torch.isfinite(keys).flatten(1).all(-1)
+                reseed_dead_codes_(c_sum, c_count, keys, first.dead_code_threshold, enabled)
+        else:
+            split_dead_codes_(c_sum, c_count, first.dead_code_threshold, first.eps, first._n_updates)
+    torch._foreach_copy_([vq.c_sum for vq in group] + [vq.c_count for vq in group],
+                         list(c_sum.unbind(0)) + list(c_count.unbind(0)))
+
+
+def _dead_mask(c_count: Tensor, threshold: float) -> Tensor:
+    """Codes whose EMA count is below threshold * the mean count of their head (the last dimension)."""
+    return c_count < threshold * c_count.mean(-1, keepdim=True)
+
+
+@torch.no_grad()
+def reseed_dead_codes_(c_sum: Tensor, c_count: Tensor, keys: Tensor, threshold: float,
+                       enabled: Tensor | None = None) -> None:
+    """In place on L layers' sums (L, H, S, d) and counts (L, H, S): per head, move the codes whose count fell
+    below threshold * the head's mean onto the keys (L, H, n, d), deadest code first onto the first (worst-served)
+    key; each gets count threshold * mean, so a code that attracts no keys in the next step is moved again.
+    `enabled` (L,) bool gates each layer's change. A pure function of its inputs: replicas stay identical."""
+    L, H, S, d = c_sum.shape
+    sums, counts = c_sum.view(L * H, S, d), c_count.view(L * H, S)
+    keys = keys.to(c_sum).reshape(L * H, -1, d)[:, :S]
+    floor = threshold * counts.mean(-1, keepdim=True)  # (LH, 1)
+    order = counts.argsort(dim=-1, stable=True)  # deadest first; equal counts by code index
+    count = counts.gather(1, order)
+    move = (count < floor) & (torch.arange(S, device=order.device) < keys.shape[1])  # (LH, S), sorted order
+    if enabled is not None:
+        move &= enabled.repeat_interleave(H)[:, None]
+    keys = F.pad(keys, (0, 0, 0, S - keys.shape[1]))
+    rows = order[..., None].expand(L * H, S, d)
+    counts.scatter_(1, order, torch.where(move, floor, count))
+    sums.scatter_(1, rows, torch.where(move[..., None], keys * floor[..., None], sums.gather(1, rows)))
+
+
+def split_noise(seed: int, codebook_size: int, dim: int, device: torch.device) -> Tensor:
+    """(S, dim) noise for the split re-seeding: row j perturbs the j-th dead code of every head (and its donor),
+    rows of torch.randn((S, dim)) from a CPU generator seeded with `seed` (the update count), the same for every
+    head and layer of a step. Drawn on the host, so replicas on any kind of device agree, and without reading
+    anything back from the device."""
+    return _normal_rows(seed, codebook_size, dim, str(device))
+
+
+@torch.no_grad()
+def split_dead_codes_(c_sum: Tensor, c_count: Tensor, threshold: float, eps: float, seed: int) -> None:
+    """In place on L layers' sums (L, H, S, d) and counts (L, H, S): re-seed the codes whose count fell below
+    threshold * the head's mean by splitting the most used codes (LBG-style: a copy plus a small perturbation, the
+    count shared between the two). Per head, the j-th dead code (by index) and the j-th most used code split the
+    j-th most used code. A pure function of the buffers and `seed` (the update count): every data-parallel replica
+    makes the same change without communicating."""
+    L, H, S, d = c_sum.shape
+    sums, counts = c_sum.view(L * H, S, d), c_count.view(L * H, S)
+    dead = _dead_mask(counts, threshold)
+    n_dead = dead.sum(-1)  # (LH,)
+    listed = torch.arange(S, device=dead.device)[None] < n_dead[:, None]  # (LH, S) list positions in use
+    dead_idx = (~dead).to(torch.uint8).argsort(dim=-1, stable=True)  # dead codes first, by index
+    donors = counts.argsort(dim=-1, descending=True)
+    count = counts.gather(1, donors)
+    centers = sums.gather(1, donors[..., None].expand(L * H, S, d)) / count.clamp(min=eps)[..., None]
+    scale = centers.pow(2).mean(-1, keepdim=True).sqrt()
+    noise = split_noise(seed, S, d, sums.device).to(centers) * 0.05 * scale  # (LH, S, d)
+    half = count / 2
+    # write through one spare slot (index S) that takes the unused list positions
+    padded_count = F.pad(counts, (0, 1))
+    padded_sum = F.pad(sums, (0, 0, 0, 1))
+    for idx, word in ((donors, centers - noise), (dead_idx, centers + noise)):  # donors first: a code in
+        idx = torch.where(listed, idx, S)  # both lists ends up as a dead code's copy
+        padded_count.scatter_(1, idx, half)
+        padded_sum.scatter_(1, idx[..., None].expand(L * H, S, d), word * half[..., None])
+    counts.copy_(padded_count[:, :S])
+    sums.copy_(padded_sum[:, :S])

@@ -94,7 +94,4 @@ def all_reduce_codebook_stats(quantizers, group=None) -> None:
     dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
     flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
     tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, group=group)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset: offset + t.numel()].view_as(t))
-        offset += t.numel()
+    torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
