@@ -20,16 +20,29 @@ class AdamW(torch.optim.AdamW):
     """torch.optim.AdamW whose update can be suppressed: while `skip_updates` is true, `step()` changes
     neither the parameters nor the optimizer state (moments, step counters). Engines that wrap it (DeepSpeed
     ZeRO, the bf16 master-weight copy) still run their own bookkeeping around the call, which then copies
-    the unchanged master weights back: a skipped step leaves every parameter bit-identical."""
+    the unchanged master weights back: a skipped step leaves every parameter bit-identical.
+
+    The fused implementation can also skip on the device: with `found_inf` set to a 0-dim float tensor, the
+    update is queued as usual and does nothing where the tensor holds 1 (torch's fused kernel reads it; the
+    step counters are restored), so the host may queue the update before it knows whether to skip."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.skip_updates = False
+        self.found_inf = None  # read by torch's fused AdamW: 1 = leave everything unchanged
+
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether `found_inf` works: every group runs the fused implementation (a loaded optimizer state keeps
+        the flag it was saved with)."""
+        return all(g.get("fused") for g in self.param_groups)
 
     @torch.no_grad()
     def step(self, closure=None):
         if self.skip_updates:
             return None
+        if self.found_inf is not None and not self.skips_on_device:
+            raise ValueError("AdamW.found_inf needs the fused implementation (build_optimizer(..., fused=True))")
         return super().step(closure)
 
 
@@ -45,7 +58,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, fused: bool = False) -> AdamW:
-    """AdamW over `param_groups(model)` with the config's betas, eps and weight decay (lr is set per step)."""
+    """AdamW over `param_groups(model)` with the config's betas, eps and weight decay (lr is set per step);
+    fused: torch's fused implementation (CPU and CUDA), which can skip an update on the device."""
     return AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2),
                  eps=optim.eps, **({"fused": True} if fused else {}))
 

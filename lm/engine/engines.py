@@ -154,10 +154,17 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def step(self, lr: float, skip: bool = False):
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether `step` takes `skip` as a 0-dim bool tensor on the device: the update is queued before the host
+        knows whether it applies (the fused optimizer; not pipelines, whose schedule runs the update itself)."""
+        return not self.pipelined and self.optimizer.skips_on_device
+
+    def step(self, lr: float, skip=False):
         """Apply the accumulated gradients at learning rate `lr` (clipped as configured), or drop them with
-        every parameter and optimizer state unchanged (skip). Returns the global gradient norm (a float or a
-        0-dim tensor; None when skipped or unknown)."""
+        every parameter and optimizer state unchanged (skip: a bool, or where `skips_on_device`, a 0-dim bool
+        tensor that decides on the device). Returns the global gradient norm (a float or a 0-dim tensor; None
+        when skipped on the host or unknown; meaningless when skipped on the device)."""
         raise NotImplementedError
 
 
@@ -188,12 +195,11 @@ class TorchEngine(Engine):
             groups = [{**g, "params": [self.master[index[id(p)]] for p in g["params"]]}
                       for g in param_groups(model, cfg.optim.weight_decay)]
             o = cfg.optim
-            self.optimizer = AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                   **({"fused": True} if self.device.type == "cuda" else {}))
+            self.optimizer = AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
         else:
             model = model.to(self.device)
             self.params = self.master = None
-            self.optimizer = build_optimizer(model, cfg.optim, fused=self.device.type == "cuda")
+            self.optimizer = build_optimizer(model, cfg.optim, fused=True)
         self.module = model
         self.quantizers = model.named_quantizers()
 
@@ -205,9 +211,10 @@ class TorchEngine(Engine):
         loss.backward()
 
     @torch.no_grad()
-    def step(self, lr: float, skip: bool = False):
+    def step(self, lr: float, skip=False):
         trained = self.master if self.master is not None else [p for g in self.optimizer.param_groups for p in g["params"]]
-        if skip:
+        on_device = isinstance(skip, torch.Tensor)
+        if not on_device and skip:
             for p in self.params or trained:
                 p.grad = None
             return None
@@ -219,7 +226,11 @@ class TorchEngine(Engine):
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_([p for p in trained if p.grad is not None], self.grad_clip)
         self.set_lr(lr)
-        self.optimizer.step()
+        self.optimizer.found_inf = skip.float() if on_device else None
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.found_inf = None
         self.optimizer.zero_grad(set_to_none=True)
         if self.master is not None:
             for p, m in zip(self.params, self.master):
@@ -275,7 +286,7 @@ class DeepSpeedEngine(Engine):
         if load_universal:
             self.ds_config["checkpoint"] = {"load_universal": True}
         offload = cfg.parallel.offload_optimizer
-        self.optimizer = build_optimizer(net, cfg.optim, fused=on_gpu and not offload)
+        self.optimizer = build_optimizer(net, cfg.optim, fused=not offload)
         self.ds, _, _, _ = deepspeed.initialize(model=net, optimizer=self.optimizer, config=self.ds_config)
         for _, vq in self.quantizers:
             vq.keep_fp32()
@@ -304,18 +315,23 @@ class DeepSpeedEngine(Engine):
         if self._micro < self.accum:
             self.ds.step()  # not a boundary: DeepSpeed only counts the micro-batch
 
-    def step(self, lr: float, skip: bool = False):
+    def step(self, lr: float, skip=False):
+        on_device = isinstance(skip, torch.Tensor)
         fallback = None
-        if not skip and self.precision == "fp32" and not self.ds.zero_optimization():
+        if (on_device or not skip) and self.precision == "fp32" and not self.ds.zero_optimization():
             fallback = _grad_norm([p for p in self.module.parameters() if p.grad is not None])  # DeepSpeed keeps none here
         self.set_lr(lr)
-        self.optimizer.skip_updates = skip
+        if on_device:
+            self.optimizer.found_inf = skip.float()
+        else:
+            self.optimizer.skip_updates = skip
         try:
             self.ds.step()
         finally:
             self.optimizer.skip_updates = False
+            self.optimizer.found_inf = None
             self._micro = 0
-        if skip:
+        if not on_device and skip:
             return None
         norm = self.ds.get_global_grad_norm()
         return fallback if norm is None else norm

@@ -7,7 +7,9 @@ loss, backward (gradients accumulate). Then one collective sums, over every proc
 commitment sums, the micro-batch count, the number of non-finite losses and the stop requests; that is the
 step's only host synchronisation besides what the engine's optimizer does. If any process saw a non-finite
 loss the step is skipped everywhere: no parameter, optimizer state or codebook changes, and the schedule
-does not advance. Otherwise the codebook statistics are summed over the replicas of each layer (data
+does not advance. With the fused optimizer (`engine.skips_on_device`) the update is queued before the host
+reads the sums and skips on the device, so the host's share of the optimizer step runs while the GPU still
+finishes the backward. Otherwise the codebook statistics are summed over the replicas of each layer (data
 parallel x sequence parallel) and every codebook takes its EMA k-means update, and the engine applies the
 gradients at `lr`.
 
@@ -91,13 +93,18 @@ def train_step(engine, batches: list, *, lr: float, loss_chunk_tokens: int = 0, 
             totals[2] += 1
             totals[3] += (~finite).double()
     totals[4] = float(stop)
-    ce_sum, aux_sum, count, bad, stops = _sum_over_world(totals).tolist()
+    totals = _sum_over_world(totals)
+    on_device = engine.skips_on_device
+    if on_device:  # queue the update before reading the totals: its host work overlaps the backward's device time
+        grad_norm = engine.step(lr, skip=(totals[3] > 0) | (totals[2] == 0))
+    ce_sum, aux_sum, count, bad, stops = totals.tolist()
     skipped = bad > 0 or count == 0
     if skipped:
+        grad_norm = None
         for vq in vqs:  # statistics of a skipped step are dropped with it
             vq.reset_stats()
     all_reduce_codebook_stats(vqs, engine.dp_group)
-    if not engine.pipelined:
+    if not engine.pipelined and not on_device:
         grad_norm = engine.step(lr, skip=skipped)
     stats = {}
     if not skipped:

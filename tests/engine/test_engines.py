@@ -84,8 +84,10 @@ def _same(a, b):
             assert torch.equal(torch.as_tensor(x[k]), torch.as_tensor(y[k])), k
 
 
-def _skip_check(kind="deepspeed", stage=0, nan_rank=0):
-    """Two good steps, then one whose loss is NaN on `nan_rank` only: nothing may change."""
+def _skip_check(kind="deepspeed", stage=0, nan_rank=0, poison="nan"):
+    """Two good steps, then one whose loss is non-finite on `nan_rank` only: nothing may change. poison="nan":
+    the loss times NaN (NaN gradients too); "inf": +inf added to the loss, gradients stay finite, so only the
+    step's own skip (on the device with the fused optimizer) keeps the update out."""
     import os
 
     from lm.engine import build_engine
@@ -102,7 +104,7 @@ def _skip_check(kind="deepspeed", stage=0, nan_rank=0):
     def poisoned(x, y, *loss_options):
         out = forward(x, y, *loss_options)
         if rank == nan_rank:
-            out.loss = out.loss * float("nan")
+            out.loss = out.loss * float("nan") if poison == "nan" else out.loss + float("inf")
         return out
 
     engine.forward = poisoned
@@ -111,22 +113,49 @@ def _skip_check(kind="deepspeed", stage=0, nan_rank=0):
     after = _snapshot(engine)
     _same(before, after)
     assert result.skipped and result.nonfinite == 1 and loop.state.updates == updates and loop.state.step == 3
+    assert result.grad_norm is None
     good = loop.step()  # and training goes on
     assert not good.skipped and loop.state.updates == updates + 1
-    return True
+    after_good = _snapshot(engine)
+    assert any(not torch.equal(after_good[0][k], after[0][k]) for k in after[0])  # the good step did update
+    return engine.skips_on_device
 
 
-def test_a_skipped_step_changes_nothing_on_the_torch_engine():
-    assert _skip_check("torch")
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_a_skipped_step_changes_nothing_on_the_torch_engine(poison):
+    assert _skip_check("torch", poison=poison)  # fused AdamW: the skip is decided on the device
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_a_skipped_step_changes_nothing_under_deepspeed(stage):
-    assert run_dist(_skip_check, world_size=1, stage=stage) == [True]
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_a_skipped_step_changes_nothing_under_deepspeed(stage, poison):
+    assert run_dist(_skip_check, world_size=1, stage=stage, poison=poison) == [True]
 
 
-def test_a_nan_on_one_rank_skips_the_step_on_every_rank():
-    assert run_dist(_skip_check, world_size=2, stage=2, nan_rank=1) == [True, True]
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(poison):
+    assert run_dist(_skip_check, world_size=2, stage=2, nan_rank=1, poison=poison) == [True, True]
+
+
+def test_the_optimizer_skips_on_the_device_only_when_fused():
+    from lm.optim import AdamW
+
+    for fused in (True, False):
+        p = torch.nn.Parameter(torch.randn(6))
+        p.grad = torch.randn(6)
+        opt = AdamW([p], lr=0.1, fused=fused)
+        assert opt.skips_on_device is fused
+        opt.found_inf = torch.tensor(1.0)
+        if not fused:
+            with pytest.raises(ValueError, match="fused"):
+                opt.step()
+            continue
+        before = p.detach().clone()
+        opt.step()
+        assert torch.equal(p.detach(), before) and float(opt.state[p]["step"]) == 0 and not opt.state[p]["exp_avg"].any()
+        opt.found_inf = torch.tensor(0.0)
+        opt.step()
+        assert not torch.equal(p.detach(), before) and float(opt.state[p]["step"]) == 1
 
 
 def test_a_recipe_the_hardware_cannot_run_is_refused_before_anything_is_built(tmp_path):
