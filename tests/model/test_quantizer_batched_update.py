@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lm.model.quantizer import VectorQuantizer, apply_updates
 from tests.host_reads import NoHostReads
+from tests.model.test_quantizer_sync_free import inject_random_stats
 
 BUFFERS = ("c_sum", "c_count", "n_updates", "initialized", "stat_count", "stat_sum", "stat_err")
 
@@ -44,17 +45,6 @@ def forward_both(batched, alone, gen, H, dim, skip=()):
             vq(k.clone().requires_grad_())
 
 
-def inject_dead_codes(batched, alone, gen, H, S, dim):
-    """Statistics with many zero counts, different per layer."""
-    for a, b in zip(batched, alone):
-        count = torch.randint(0, 6, (H, S), generator=gen).float() * (torch.rand(H, S, generator=gen) < 0.4)
-        count[:, 0] += 40.0
-        total = torch.randn(H, S, dim, generator=gen) * count[..., None]
-        for vq in (a, b):
-            vq.stat_count.copy_(count)
-            vq.stat_sum.copy_(total)
-
-
 @pytest.mark.parametrize("reseed", ["split", "batch"])
 @pytest.mark.parametrize("dim", [4, 16])
 @pytest.mark.parametrize("init", ["random", "first_batch"])
@@ -68,7 +58,8 @@ def test_batched_update_equals_layer_by_layer(reseed, dim, init):
         skip = {1} if step % 4 == 2 else set()  # one layer without a forward: it only resets
         forward_both(batched, alone, gen, H, dim, skip)
         if step % 3 == 1:
-            inject_dead_codes(batched, alone, gen, H, S, dim)
+            for pair in zip(batched, alone):  # many dead codes, different per layer
+                inject_random_stats(pair, gen, H, S, dim)
         if step % 5 == 4 and batched[2].reseed_keys is not None:  # a non-finite sample in one layer only
             for vq in (batched[2], alone[2]):
                 vq.reseed_keys = vq.reseed_keys.clone()
