@@ -61,8 +61,11 @@ def test_fused_training_step_does_not_synchronise_on_cuda(tiny_model_config):
     with torch.autocast("cuda", torch.bfloat16):
         _train_step(model, tokens)
         torch.cuda.synchronize()
+        model.zero_grad(set_to_none=True)
         torch.cuda.set_sync_debug_mode("error")  # any host synchronisation below raises
         try:
-            _train_step(model, tokens)
+            out = _train_step(model, tokens)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    # the step under the debug mode really ran the fused path to the end: a finite loss and gradients everywhere
+    assert torch.isfinite(out.loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
