@@ -8,6 +8,7 @@ checkpoints; no scheduler object holds state of its own.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -36,6 +37,20 @@ class AdamW(torch.optim.AdamW):
         """Whether `found_inf` works: every group runs the fused implementation (a loaded optimizer state keeps
         the flag it was saved with)."""
         return all(g.get("fused") for g in self.param_groups)
+
+    @contextlib.contextmanager
+    def skipping(self, skip):
+        """Inside the block `step()` skips as `skip` says: a bool (`skip_updates`), or a 0-dim bool tensor decided
+        on the device (`found_inf`, fused only); both are cleared afterwards."""
+        if isinstance(skip, torch.Tensor):
+            self.found_inf = skip.float()
+        else:
+            self.skip_updates = bool(skip)
+        try:
+            yield
+        finally:
+            self.skip_updates = False
+            self.found_inf = None
 
     @torch.no_grad()
     def step(self, closure=None):

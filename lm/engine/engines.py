@@ -226,11 +226,8 @@ class TorchEngine(Engine):
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_([p for p in trained if p.grad is not None], self.grad_clip)
         self.set_lr(lr)
-        self.optimizer.found_inf = skip.float() if on_device else None
-        try:
+        with self.optimizer.skipping(skip):  # here False or a device tensor
             self.optimizer.step()
-        finally:
-            self.optimizer.found_inf = None
         self.optimizer.zero_grad(set_to_none=True)
         if self.master is not None:
             for p, m in zip(self.params, self.master):
@@ -321,15 +318,10 @@ class DeepSpeedEngine(Engine):
         if (on_device or not skip) and self.precision == "fp32" and not self.ds.zero_optimization():
             fallback = _grad_norm([p for p in self.module.parameters() if p.grad is not None])  # DeepSpeed keeps none here
         self.set_lr(lr)
-        if on_device:
-            self.optimizer.found_inf = skip.float()
-        else:
-            self.optimizer.skip_updates = skip
         try:
-            self.ds.step()
+            with self.optimizer.skipping(skip):
+                self.ds.step()
         finally:
-            self.optimizer.skip_updates = False
-            self.optimizer.found_inf = None
             self._micro = 0
         if not on_device and skip:
             return None

@@ -29,16 +29,6 @@ def code_usage_perplexity(counts: Tensor) -> tuple[Tensor, Tensor]:
     return (counts > 0).float().mean(), entropy.exp().mean()
 
 
-@functools.lru_cache(maxsize=4)
-def _normal_rows(seed: int, rows: int, dim: int, device: str) -> Tensor:
-    """torch.randn((rows, dim)) from a CPU generator seeded with `seed`, on `device` (copied without blocking
-    the host). Memoised: quantizers updated apart share the table of a step (a pure function of its arguments)."""
-    table = torch.randn((rows, dim), generator=torch.Generator(device="cpu").manual_seed(seed))
-    if device == "cpu":
-        return table
-    return table.pin_memory().to(device, non_blocking=True)
-
-
 class VectorQuantizer(nn.Module):
     def __init__(self, n_heads: int, codebook_size: int, dim: int, decay: float = 0.99, eps: float = 1e-2,
                  dead_code_threshold: float = 0.1, init: str = "random", dead_code_reseed: str = "split",
@@ -152,11 +142,7 @@ class VectorQuantizer(nn.Module):
     def reset_stats(self) -> None:
         """Drop this step's statistics and pending key samples (re-seeding, first-batch initialisation: the
         next step's first micro-batch gives new ones) without updating the codebook."""
-        for name in self.stat_names:
-            getattr(self, name).zero_()
-        self.reseed_keys = None
-        self.init_keys = None
-        self._stats_pending = False
+        _reset_stats([self])
 
     @torch.no_grad()
     def accumulate(self, k: Tensor, codes: Tensor, quant: Tensor) -> None:
@@ -249,10 +235,15 @@ def apply_updates(quantizers) -> None:
         _ema_step(group)
         resets += group
     if resets:
-        torch._foreach_zero_([getattr(vq, name) for vq in resets for name in VectorQuantizer.stat_names])
-        for vq in resets:
-            vq.reseed_keys = vq.init_keys = None
-            vq._stats_pending = False
+        _reset_stats(resets)
+
+
+def _reset_stats(quantizers: list) -> None:
+    """VectorQuantizer.reset_stats of every quantizer (the statistics zeroed in one foreach call)."""
+    torch._foreach_zero_([getattr(vq, name) for vq in quantizers for name in VectorQuantizer.stat_names])
+    for vq in quantizers:
+        vq.reseed_keys = vq.init_keys = None
+        vq._stats_pending = False
 
 
 def _ema_step(group: list) -> None:
@@ -305,12 +296,17 @@ def reseed_dead_codes_(c_sum: Tensor, c_count: Tensor, keys: Tensor, threshold: 
     sums.scatter_(1, rows, torch.where(move[..., None], keys * floor[..., None], sums.gather(1, rows)))
 
 
-def split_noise(seed: int, codebook_size: int, dim: int, device: torch.device) -> Tensor:
+@functools.lru_cache(maxsize=4)
+def split_noise(seed: int, codebook_size: int, dim: int, device: str) -> Tensor:
     """(S, dim) noise for the split re-seeding: row j perturbs the j-th dead code of every head (and its donor),
     rows of torch.randn((S, dim)) from a CPU generator seeded with `seed` (the update count), the same for every
-    head and layer of a step. Drawn on the host, so replicas on any kind of device agree, and without reading
-    anything back from the device."""
-    return _normal_rows(seed, codebook_size, dim, str(device))
+    head and layer of a step. Drawn on the host, so replicas on any kind of device agree, copied to `device`
+    without blocking the host, and nothing is read back from the device. Memoised: quantizers updated apart
+    share the table of a step (a pure function of its arguments)."""
+    table = torch.randn((codebook_size, dim), generator=torch.Generator(device="cpu").manual_seed(seed))
+    if device == "cpu":
+        return table
+    return table.pin_memory().to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -330,7 +326,7 @@ def split_dead_codes_(c_sum: Tensor, c_count: Tensor, threshold: float, eps: flo
     count = counts.gather(1, donors)
     centers = sums.gather(1, donors[..., None].expand(L * H, S, d)) / count.clamp(min=eps)[..., None]
     scale = centers.pow(2).mean(-1, keepdim=True).sqrt()
-    noise = split_noise(seed, S, d, sums.device).to(centers) * 0.05 * scale  # (LH, S, d)
+    noise = split_noise(seed, S, d, str(sums.device)).to(centers) * 0.05 * scale  # (LH, S, d)
     half = count / 2
     # write through one spare slot (index S) that takes the unused list positions
     padded_count = F.pad(counts, (0, 1))
